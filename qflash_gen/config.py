@@ -1,0 +1,182 @@
+"""`KernelConfig`: the one object that the template renders, the tuner suggests and the DB stores.
+
+A config describes *how* the kernel computes, never *what* it is applied to: shape facts (N, D,
+masked or not, output dtype) stay launch-time `tl.constexpr` values.  Whether a config is safe
+for a given workload (no integer overflow) is answered by :func:`check_workload`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any, Literal
+
+ExpVariant = Literal["shift", "idiv", "poly2", "lut"]
+Rescale = Literal["shift", "idiv"]
+
+EXP_VARIANTS: tuple[str, ...] = ("shift", "idiv", "poly2", "lut")
+RESCALES: tuple[str, ...] = ("shift", "idiv")
+ACC_BITS: tuple[int, ...] = (32, 64)
+BLOCK_M_VALUES: tuple[int, ...] = (16, 32, 64, 128)
+BLOCK_N_VALUES: tuple[int, ...] = (32, 64, 128, 256)
+NUM_WARPS_VALUES: tuple[int, ...] = (1, 2, 4, 8)
+NUM_STAGES_VALUES: tuple[int, ...] = (1, 2, 3, 4)
+RESCALE_BITS_RANGE: tuple[int, int] = (1, 15)  # alpha is produced in Q15, so 15 is exact
+LUT_BITS_RANGE: tuple[int, int] = (2, 8)
+
+# Largest R = round(1/S) the kernel accepts; quant.py saturates to it (see quant.R_MAX).
+R_MAX = 65535
+# Magnitude bounds used by the overflow check: |v| <= 128 and every p8 <= 127.
+P_MAX = 127
+V_ABS_MAX = 128
+Q_ABS_MAX = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Every tunable of the integer attention kernel.
+
+    Attributes:
+        block_m: query rows per program.
+        block_n: keys per inner-loop tile.  ``block_n >= N`` makes the launch single-pass
+            (no online rescaling); that choice is a ``tl.constexpr`` at launch, not a config field.
+        num_warps, num_stages: passed to Triton.
+        exp_variant: integer ``2**(-y/R)``: ``shift`` (multiply-shift quotient), ``idiv``
+            (integer-divide quotient and fraction), ``poly2`` (2nd-order polynomial on the
+            fraction), ``lut`` (``2**lut_bits``-entry table on the fraction).
+        acc_bits: width of the running sum ``l``, the accumulator ``acc`` and rescale products.
+        rescale: how ``acc`` and ``l`` are multiplied by ``alpha = 2**((m_old - m_new)/R)``:
+            ``shift`` (alpha rounded to Q``rescale_bits``, multiply, shift) or ``idiv``
+            (alpha at scale R, multiply, integer-divide by R).
+        rescale_bits: fraction bits of alpha for ``rescale="shift"`` (1..15); must be 0 with
+            ``rescale="idiv"``, which does not use it.
+        lut_bits: table index bits for ``exp_variant="lut"``; must be 0 for other variants.
+    """
+
+    block_m: int = 64
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+    exp_variant: ExpVariant = "shift"
+    acc_bits: int = 32
+    rescale: Rescale = "shift"
+    rescale_bits: int = 8
+    lut_bits: int = 0
+
+    def __post_init__(self) -> None:
+        def bad(field: str, value: Any, allowed: str) -> ValueError:
+            return ValueError(f"KernelConfig.{field}={value!r} is not supported: expected {allowed}")
+
+        for name in dataclasses.fields(self):
+            value = getattr(self, name.name)
+            if name.type in ("int",) and (not isinstance(value, int) or isinstance(value, bool)):
+                raise bad(name.name, value, "an int")
+        if self.block_m not in BLOCK_M_VALUES:
+            raise bad("block_m", self.block_m, f"one of {BLOCK_M_VALUES}")
+        if self.block_n not in BLOCK_N_VALUES:
+            raise bad("block_n", self.block_n, f"one of {BLOCK_N_VALUES} (int8 P@V needs K >= 32)")
+        if self.num_warps not in NUM_WARPS_VALUES:
+            raise bad("num_warps", self.num_warps, f"one of {NUM_WARPS_VALUES}")
+        if self.num_stages not in NUM_STAGES_VALUES:
+            raise bad("num_stages", self.num_stages, f"one of {NUM_STAGES_VALUES}")
+        if self.exp_variant not in EXP_VARIANTS:
+            raise bad("exp_variant", self.exp_variant, f"one of {EXP_VARIANTS}")
+        if self.acc_bits not in ACC_BITS:
+            raise bad("acc_bits", self.acc_bits, f"one of {ACC_BITS}")
+        if self.rescale not in RESCALES:
+            raise bad("rescale", self.rescale, f"one of {RESCALES}")
+        lo, hi = RESCALE_BITS_RANGE
+        if self.rescale == "shift" and not lo <= self.rescale_bits <= hi:
+            raise bad("rescale_bits", self.rescale_bits, f"{lo}..{hi} with rescale='shift'")
+        if self.rescale == "idiv" and self.rescale_bits != 0:
+            raise bad("rescale_bits", self.rescale_bits, "0 with rescale='idiv' (it is unused)")
+        lo, hi = LUT_BITS_RANGE
+        if self.exp_variant == "lut" and not lo <= self.lut_bits <= hi:
+            raise bad("lut_bits", self.lut_bits, f"{lo}..{hi} with exp_variant='lut'")
+        if self.exp_variant != "lut" and self.lut_bits != 0:
+            raise bad("lut_bits", self.lut_bits, "0 unless exp_variant='lut'")
+
+    # -- plain-mapping round trip (what YAML and Optuna see) -------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> KernelConfig:
+        if not isinstance(data, dict):
+            raise ValueError(f"KernelConfig.from_dict expects a mapping, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown KernelConfig field(s) {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> KernelConfig:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def hash(self) -> str:
+        """Stable across processes and Python versions (sha256 of sorted JSON)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def short(self) -> str:
+        """One-line human summary, e.g. for tables and logs."""
+        extra = f"/lut{self.lut_bits}" if self.exp_variant == "lut" else ""
+        rs = f"shift{self.rescale_bits}" if self.rescale == "shift" else "idiv"
+        return (
+            f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}"
+            f" exp={self.exp_variant}{extra} acc{self.acc_bits} rescale={rs}"
+        )
+
+
+DEFAULT_CONFIG = KernelConfig()
+
+
+def single_pass(config: KernelConfig, n_ctx: int) -> bool:
+    """True when one key tile covers the whole row: the kernel runs with no online rescale."""
+    return config.block_n >= n_ctx
+
+
+def accumulator_bounds(config: KernelConfig, n_ctx: int, head_dim: int) -> dict[str, int]:
+    """Largest magnitudes reached inside the kernel for a workload (adversarial int8 inputs).
+
+    ``acc`` holds sums of ``p8 * v`` over all keys (rescaling only shrinks older terms), ``l``
+    sums of ``p8``; the rescale product is ``|acc| * alpha`` before the shift or division.
+    """
+    acc = n_ctx * P_MAX * V_ABS_MAX
+    if single_pass(config, n_ctx):
+        product = 0  # no rescale code runs
+    elif config.rescale == "shift":
+        product = acc * (1 << config.rescale_bits) + (1 << (config.rescale_bits - 1))
+    else:
+        product = acc * R_MAX + R_MAX // 2
+    return {
+        "score": head_dim * Q_ABS_MAX * Q_ABS_MAX,
+        "acc": acc,
+        "l": n_ctx * P_MAX,
+        "rescale_product": product,
+    }
+
+
+def check_workload(config: KernelConfig, n_ctx: int, head_dim: int) -> None:
+    """Raise ValueError if ``config`` can overflow its accumulators on this (N, D)."""
+    limit = (1 << (config.acc_bits - 1)) - 1
+    bounds = accumulator_bounds(config, n_ctx, head_dim)
+    if bounds["score"] > (1 << 31) - 1:
+        raise ValueError(f"head_dim={head_dim} overflows the int32 score Q@K^T")
+    for name in ("acc", "l", "rescale_product"):
+        if bounds[name] > limit:
+            raise ValueError(
+                f"{config.short()} overflows int{config.acc_bits} at N={n_ctx}: "
+                f"|{name}| can reach {bounds[name]} > {limit}; use acc_bits=64"
+                + (" or fewer rescale_bits" if config.rescale == "shift" else "")
+            )
+
+
+def fits(config: KernelConfig, n_ctx: int, head_dim: int) -> bool:
+    try:
+        check_workload(config, n_ctx, head_dim)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,134 @@
+"""Scales -> integer constants of the kernel, and int8 quantization.
+
+Everything here is plain torch on the inputs' device: dynamic (per-call) scales never leave the
+device, so the call path has no host sync (no ``.item()``) and can be captured in a CUDA graph.
+
+The kernel computes the softmax in base 2 with one integer unit: R = round(1/S) score units per
+halving, where S = c * log2(e) * sq * sk.  R is clamped to 1..R_MAX; a clamped R changes the
+softmax temperature (inputs whose scales make S < 1/65535 are far smaller than any trained ViT's),
+which the SQNR check reports.  A bias b (natural-log units, added to c * q.k as SDPA does) becomes
+round(b * log2(e) * R) score units, so bias and scores share one scale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from qflash_gen.config import R_MAX
+
+LOG2E = 1.0 / math.log(2.0)
+INT8_MAX = 127
+BIAS_LIMIT = 2**28  # |integer bias| is clamped here; see NEG/MASKED in the template
+MASKED_BIAS = -(2**30)  # integer bias value for a masked key (kernel treats <= -2**29 as masked)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelParams:
+    """Device tensors the kernel reads at start (so scales can change without recompiling).
+
+    ints:   int32 [R, MQ, HF, 0]
+    floats: float32 [OUT_MUL, 0]  with OUT_MUL = sv / 2**OUT_FRAC_BITS (float outputs only)
+    """
+
+    ints: torch.Tensor
+    floats: torch.Tensor
+
+    @property
+    def device(self) -> torch.device:
+        return self.ints.device
+
+
+def _as_tensor(x: float | torch.Tensor, device: torch.device) -> torch.Tensor:
+    return torch.as_tensor(x, dtype=torch.float64, device=device).reshape(())
+
+
+def make_params(
+    sq: float | torch.Tensor,
+    sk: float | torch.Tensor,
+    sv: float | torch.Tensor,
+    head_dim: int,
+    scale: float | None = None,
+    *,
+    device: torch.device | str | None = None,
+    out_frac_bits: int | None = None,
+) -> KernelParams:
+    """Integer constants for scales ``sq, sk, sv`` (floats or 0-d device tensors; no sync)."""
+    from qflash_gen.codegen import OUT_FRAC_BITS
+
+    frac = OUT_FRAC_BITS if out_frac_bits is None else out_frac_bits
+    if device is None:
+        device = next((t.device for t in (sq, sk, sv) if isinstance(t, torch.Tensor)), "cpu")
+    device = torch.device(device)
+    c = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    if not math.isfinite(c) or c <= 0:
+        raise ValueError(f"scale={scale!r} must be a positive finite softmax scale")
+    s = _as_tensor(c * LOG2E, device) * _as_tensor(sq, device) * _as_tensor(sk, device)
+    inv = torch.where(s > 0, 1.0 / s, torch.full_like(s, float(R_MAX)))
+    r = torch.nan_to_num(torch.round(inv), nan=R_MAX, posinf=R_MAX).clamp(1, R_MAX).to(torch.int64)
+    mq = ((1 << 26) + r - 1) // r
+    hf = (1 << 30) // r
+    ints = torch.stack([r, mq, hf, torch.zeros_like(r)]).to(torch.int32)
+    out_mul = (_as_tensor(sv, device) / (1 << frac)).to(torch.float32)
+    floats = torch.stack([out_mul, torch.zeros_like(out_mul)])
+    return KernelParams(ints=ints, floats=floats)
+
+
+def dynamic_scale(x: torch.Tensor) -> torch.Tensor:
+    """Per-tensor symmetric int8 scale, a 0-d float32 device tensor: max|x| / 127.
+
+    Non-finite elements are ignored; an all-zero tensor gets scale 1 (its int8 image is 0 either
+    way, and no later step divides by the scale)."""
+    finite = torch.where(torch.isfinite(x), x, torch.zeros((), dtype=x.dtype, device=x.device))
+    amax = finite.abs().amax().to(torch.float32) if x.numel() else torch.zeros((), device=x.device)
+    return torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
+
+
+def quantize(x: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    """Symmetric int8: round-half-even(x / scale) clamped to [-127, 127]; NaN -> 0, +-Inf -> +-127."""
+    scale_t = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
+    y = torch.nan_to_num(x.to(torch.float32) / scale_t, nan=0.0, posinf=INT8_MAX, neginf=-INT8_MAX)
+    return torch.round(y).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+
+
+def bias_to_int(
+    attn_mask: torch.Tensor | None,
+    params: KernelParams,
+    *,
+    float_bias: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """SDPA-style ``attn_mask`` (bool: True = attend; float: added to the logits) -> int32 bias.
+
+    ``float_bias`` may be given together with a bool mask (Swin: relative-position bias + shift
+    mask).  Result is int32 in score units, masked keys at MASKED_BIAS, broadcastable like the
+    inputs.  Runs on the device with no sync."""
+    if attn_mask is None and float_bias is None:
+        return None
+    r = params.ints[0].to(torch.float64)
+    bias = None
+    if float_bias is not None:
+        bias = _float_bias_to_int(float_bias, r)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            base = bias if bias is not None else torch.zeros((), dtype=torch.int32, device=attn_mask.device)
+            bias = torch.where(attn_mask, base, torch.tensor(MASKED_BIAS, dtype=torch.int32, device=base.device))
+        else:
+            mask_int = _float_bias_to_int(attn_mask, r)
+            bias = mask_int if bias is None else _sat_add(bias, mask_int)
+    return bias.to(torch.int32)
+
+
+def _float_bias_to_int(b: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    x = b.to(torch.float64) * (LOG2E * r)
+    neg_inf = torch.isneginf(x)
+    x = torch.nan_to_num(x, nan=0.0, posinf=BIAS_LIMIT, neginf=-BIAS_LIMIT)
+    out = torch.round(x).clamp(-BIAS_LIMIT, BIAS_LIMIT).to(torch.int32)
+    return torch.where(neg_inf, torch.full_like(out, MASKED_BIAS), out)
+
+
+def _sat_add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    masked = (a <= MASKED_BIAS // 2) | (b <= MASKED_BIAS // 2)
+    s = (a.to(torch.int64) + b.to(torch.int64)).clamp(-BIAS_LIMIT, BIAS_LIMIT).to(torch.int32)
+    return torch.where(masked, torch.full_like(s, MASKED_BIAS), s)

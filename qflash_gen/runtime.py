@@ -1,0 +1,223 @@
+"""Public call path: input checks, quantization, launch of the rendered kernel, or the oracle.
+
+``attention`` takes float tensors in SDPA layout (B, H, N, D) and returns the input dtype;
+``attention_int8`` takes int8 tensors and their scales.  Both accept ``backend="reference"``,
+which runs the integer oracle with the same config and returns the same bits.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+
+from qflash_gen import codegen, quant, reference
+from qflash_gen.config import DEFAULT_CONFIG, KernelConfig, check_workload, fits
+
+SUPPORTED_HEAD_DIMS = (32, 64, 128)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+OUT_DTYPES = (torch.int8, torch.float16, torch.bfloat16, torch.float32)
+BACKENDS = ("triton", "reference")
+
+
+def interpreter_active() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def default_config(n_ctx: int, head_dim: int) -> KernelConfig:
+    """The safe default for a shape: DEFAULT_CONFIG, widened to int64 where int32 could overflow."""
+    if fits(DEFAULT_CONFIG, n_ctx, head_dim):
+        return DEFAULT_CONFIG
+    return DEFAULT_CONFIG.replace(acc_bits=64)
+
+
+# -- input checks (DESIGN §9) --------------------------------------------------------------
+def _check_qkv(q, k, v, allowed: tuple[torch.dtype, ...], what: str) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have rank 4 (B, H, N, D) like SDPA, got shape {tuple(t.shape)}")
+        if t.dtype not in allowed:
+            raise ValueError(f"{name} has dtype {t.dtype}; {what} supports {[str(d) for d in allowed]}")
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(
+            f"q, k, v must have the same shape (B, H, N, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
+    d = q.shape[-1]
+    if d not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head_dim D={d} is not supported; supported: {SUPPORTED_HEAD_DIMS}")
+
+
+def _check_mask(mask, name: str, shape, device) -> None:
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise ValueError(f"{name} must be bool (True = attend) or floating (added to logits), got {mask.dtype}")
+    if mask.device != device:
+        raise ValueError(f"{name} is on {mask.device} but q is on {device}")
+    b, h, n, _ = shape
+    try:
+        torch.broadcast_shapes(mask.shape, (b, h, n, n))
+        ok = mask.dim() <= 4 and torch.broadcast_shapes(mask.shape, (b, h, n, n)) == (b, h, n, n)
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} of shape {tuple(mask.shape)} does not broadcast to (B, H, N, N) = {(b, h, n, n)}")
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is unknown; choose one of {BACKENDS}")
+
+
+def _resolve_config(config: KernelConfig | None, n: int, d: int) -> KernelConfig:
+    if config is None:
+        return default_config(n, d)
+    if not isinstance(config, KernelConfig):
+        raise ValueError(f"config must be a KernelConfig or None, got {type(config).__name__}")
+    check_workload(config, n, d)
+    return config
+
+
+@functools.lru_cache(maxsize=None)
+def _lut(lut_bits: int, device: torch.device) -> torch.Tensor:
+    return reference.lut_table(lut_bits, device)
+
+
+def launch(
+    config: KernelConfig,
+    q8: torch.Tensor,
+    k8: torch.Tensor,
+    v8: torch.Tensor,
+    params: quant.KernelParams,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.int8,
+) -> torch.Tensor:
+    """Run the rendered kernel for ``config`` on checked int8 inputs (no checks, no sync)."""
+    b, h, n, d = q8.shape
+    if out is None:
+        out = torch.empty((b, h, n, d), dtype=out_dtype, device=q8.device)
+    if out.numel() == 0:
+        return out
+    module = codegen.load(config)
+    lut = _lut(config.lut_bits, q8.device) if config.exp_variant == "lut" else params.ints
+    if bias is None:
+        bias_arg, bias_strides = params.ints, (0, 0, 0, 0)
+    else:
+        bias_arg = bias.expand(b, h, n, n)
+        bias_strides = bias_arg.stride()
+    grid = (triton.cdiv(n, config.block_m), b * h)
+    module._qflash_fwd[grid](
+        q8, k8, v8, out,
+        bias_arg, params.ints, params.floats, lut,
+        *q8.stride(), *k8.stride(), *v8.stride(), *out.stride(), *bias_strides,
+        h,
+        N_CTX=n, HEAD_DIM=d, HAS_BIAS=bias is not None, OUT_FLOAT=out_dtype != torch.int8,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    return out
+
+
+def _run(config, q8, k8, v8, params, bias, out_dtype, backend):
+    if backend == "reference":
+        return reference.reference_int8(q8, k8, v8, params, config, bias=bias, out_dtype=out_dtype)
+    if q8.device.type != "cuda" and not interpreter_active():
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (got {q8.device}); set TRITON_INTERPRET=1 to run the "
+            "kernel on CPU through Triton's interpreter, or use backend='reference'"
+        )
+    with torch.cuda.device(q8.device) if q8.device.type == "cuda" else _nullctx():
+        return launch(config, q8, k8, v8, params, bias=bias, out_dtype=out_dtype)
+
+
+class _nullctx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def attention_int8(
+    q8: torch.Tensor,
+    k8: torch.Tensor,
+    v8: torch.Tensor,
+    scales: tuple,
+    attn_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    *,
+    float_bias: torch.Tensor | None = None,
+    config: KernelConfig | None = None,
+    out_dtype: torch.dtype = torch.int8,
+    backend: str = "triton",
+) -> torch.Tensor:
+    """Integer attention on int8 (B, H, N, D) tensors with per-tensor scales ``(sq, sk, sv)``.
+
+    Returns int8 at scale sv (``out_dtype=torch.int8``) or a float dtype (the value times sv).
+    Scales may be Python floats or 0-d device tensors (no host sync either way)."""
+    _check_backend(backend)
+    _check_qkv(q8, k8, v8, (torch.int8,), "attention_int8")
+    if out_dtype not in OUT_DTYPES:
+        raise ValueError(f"out_dtype={out_dtype} is not supported; supported: {OUT_DTYPES}")
+    if not isinstance(scales, (tuple, list)) or len(scales) != 3:
+        raise ValueError("scales must be a tuple (sq, sk, sv) of floats or 0-d tensors")
+    _check_mask(attn_mask, "attn_mask", q8.shape, q8.device)
+    _check_mask(float_bias, "float_bias", q8.shape, q8.device)
+    if float_bias is not None and float_bias.dtype == torch.bool:
+        raise ValueError("float_bias must be floating; pass a bool mask as attn_mask")
+    b, h, n, d = q8.shape
+    if q8.numel() == 0:
+        return torch.empty(q8.shape, dtype=out_dtype, device=q8.device)
+    cfg = _resolve_config(config, n, d)
+    params = quant.make_params(*scales, head_dim=d, scale=scale, device=q8.device)
+    bias = quant.bias_to_int(attn_mask, params, float_bias=float_bias)
+    return _run(cfg, q8, k8, v8, params, bias, out_dtype, backend)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    *,
+    float_bias: torch.Tensor | None = None,
+    config: KernelConfig | None = None,
+    backend: str = "triton",
+    check_finite: bool = False,
+) -> torch.Tensor:
+    """softmax(scale * q k^T + mask) v with int8 Q K^T, integer softmax and int8 P V.
+
+    q, k, v: float16/bfloat16/float32 (B, H, N, D), D in SUPPORTED_HEAD_DIMS; the result has the
+    input dtype.  attn_mask follows SDPA (bool: True = attend; float: added to the logits) and
+    ``float_bias`` adds a float bias on top of a bool mask (Swin).  Per-tensor scales are
+    computed on the device (no host sync).  Non-finite inputs: with ``check_finite=True`` a
+    ValueError (this syncs); otherwise NaN quantizes to 0 and +-Inf to +-127 of a scale taken
+    from the finite values.  Fully masked rows give 0."""
+    _check_backend(backend)
+    _check_qkv(q, k, v, FLOAT_DTYPES, "attention")
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise ValueError(f"scale must be a float or None, got {type(scale).__name__}")
+    _check_mask(attn_mask, "attn_mask", q.shape, q.device)
+    _check_mask(float_bias, "float_bias", q.shape, q.device)
+    if q.numel() == 0:
+        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if check_finite:
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name} contains NaN or Inf")
+    sq, sk, sv = (quant.dynamic_scale(t) for t in (q, k, v))
+    q8, k8, v8 = quant.quantize(q, sq), quant.quantize(k, sk), quant.quantize(v, sv)
+    return attention_int8(
+        q8, k8, v8, (sq, sk, sv), attn_mask, scale,
+        float_bias=float_bias, config=config, out_dtype=q.dtype, backend=backend,
+    )  # fmt: skip
