@@ -86,7 +86,7 @@ def _resolve_config(config: KernelConfig | None, n: int, d: int) -> KernelConfig
     return config
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _lut(lut_bits: int, device: torch.device) -> torch.Tensor:
     return reference.lut_table(lut_bits, device)
 
