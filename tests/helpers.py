@@ -1,0 +1,56 @@
+"""Shared helpers for tests: random int8 problems, bias/mask builders, kernel-vs-oracle check."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from qflash_gen import attention_int8, quant
+from qflash_gen.reference import reference_int8
+
+
+def kernel_device() -> str:
+    """'cuda' where kernels compile for a GPU, else 'cpu' (Triton interpreter)."""
+    interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return "cuda" if torch.cuda.is_available() and not interp else "cpu"
+
+
+def int8_problem(b, h, n, d, *, seed=0, device="cpu", lo=-127, hi=127):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randint(lo, hi + 1, (b, h, n, d), generator=g, dtype=torch.int8) for _ in range(3))
+    return q.to(device), k.to(device), v.to(device)
+
+
+def swin_like_bias(b, h, n, *, seed=0, device="cpu", mask_frac=0.3, masked_row=True):
+    """A float relative-position-like bias (1, H, N, N) and a bool mask (B, 1, N, N) with a
+    fraction of keys masked and, if asked, one fully masked query row."""
+    g = torch.Generator().manual_seed(seed)
+    bias = torch.randn((1, h, n, n), generator=g) * 2.0
+    mask = torch.rand((b, 1, n, n), generator=g) >= mask_frac
+    if masked_row and n > 1:
+        mask[:, :, n // 2, :] = False
+    return bias.to(device), mask.to(device)
+
+
+def run_both(q8, k8, v8, scales, cfg, *, attn_mask=None, float_bias=None, out_dtype=torch.int8):
+    """Kernel output and oracle output for the same inputs, config and integer constants."""
+    got = attention_int8(q8, k8, v8, scales, attn_mask, float_bias=float_bias, config=cfg, out_dtype=out_dtype)
+    params = quant.make_params(*scales, head_dim=q8.shape[-1], device=q8.device)
+    bias = quant.bias_to_int(attn_mask, params, float_bias=float_bias)
+    want = reference_int8(q8, k8, v8, params, cfg, bias=bias, out_dtype=out_dtype)
+    return got, want
+
+
+def assert_bit_equal(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert got.dtype == want.dtype and got.shape == want.shape
+    if got.is_floating_point():
+        same = got.view(torch.int16 if got.element_size() == 2 else torch.int32) == want.view(
+            torch.int16 if want.element_size() == 2 else torch.int32
+        )
+    else:
+        same = got == want
+    if not bool(same.all()):
+        bad = (~same).nonzero()[:5].tolist()
+        diffs = [(idx, got[tuple(idx)].item(), want[tuple(idx)].item()) for idx in bad]
+        raise AssertionError(f"{int((~same).sum())} of {same.numel()} elements differ; first: {diffs}")
