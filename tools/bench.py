@@ -1,0 +1,199 @@
+"""Benchmark qflash-gen against torch SDPA fp16 (flash, cuDNN, efficient, math) on one GPU.
+
+    python tools/bench.py --workloads A1,A2,A3,A4,A5,A6,A7 --batches 1,8,64 --out docs/benchmarks
+
+Per workload x batch it records (one CSV row per measurement):
+  mode=kernel  qflash-gen int8-in kernel (pre-quantized inputs, the launch alone), do_bench median
+  mode=graph   the same launch and each SDPA backend under CUDA-graph replay
+  mode=fp16    fp16 in -> fp16 out: qflash_gen.attention (dynamic quantization included) and SDPA
+Each qflash row is checked against the integer oracle on the GPU first (oracle_equal) and carries
+its SQNR vs fp64.  do_bench flushes L2 between repeats.  Writes <out>/<gpu>.csv and <gpu>.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import math
+import sys
+from pathlib import Path
+
+import torch
+import triton
+import triton.testing
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from qflash_gen import quant, reference, runtime  # noqa: E402
+from qflash_gen.config import KernelConfig  # noqa: E402
+
+# The paper's kernel workloads (per image): (heads, N, D, windows per image).
+PAPER_WORKLOADS = {
+    "A1": (3, 197, 64, 1),  # ViT-T
+    "A2": (6, 197, 64, 1),  # ViT-S
+    "A3": (12, 197, 64, 1),  # ViT-B
+    "A4": (3, 49, 32, 64),  # Swin-T stage 1
+    "A5": (6, 49, 32, 16),  # Swin-T stage 2
+    "A6": (12, 49, 32, 4),  # Swin-T stage 3
+    "A7": (24, 49, 32, 1),  # Swin-T stage 4
+}
+SDPA_BACKENDS = {
+    "sdpa_flash": "FLASH_ATTENTION",
+    "sdpa_cudnn": "CUDNN_ATTENTION",
+    "sdpa_efficient": "EFFICIENT_ATTENTION",
+    "sdpa_math": "MATH",
+}
+
+
+def gpu_label() -> str:
+    try:
+        from qflash_gen.gpu import current_gpu
+
+        return current_gpu()
+    except Exception:  # gpu.py may not exist yet in older checkouts
+        return torch.cuda.get_device_name().replace(" ", "_").lower()
+
+
+def shape_of(name: str, batch: int) -> tuple[int, int, int, int]:
+    try:
+        heads, n, d, windows = PAPER_WORKLOADS[name]
+    except KeyError:
+        raise SystemExit(f"unknown workload {name!r}; known: {sorted(PAPER_WORKLOADS)}") from None
+    return (batch * windows, heads, n, d)
+
+
+def _median_us(fn, graph: bool) -> float:
+    if graph:
+        return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median") * 1e3
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+
+
+def _sdpa(backend: str):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    b = getattr(SDPBackend, SDPA_BACKENDS[backend])
+
+    def run(q, k, v):
+        with sdpa_kernel([b]):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    return run
+
+
+def bench_one(name: str, batch: int, config: KernelConfig | None, rows: list[dict], gpu: str) -> None:
+    shape = shape_of(name, batch)
+    b, h, n, d = shape
+    g = torch.Generator(device="cuda").manual_seed(1234 + batch)
+    q, k, v = ((torch.rand(shape, device="cuda", generator=g) * 8 - 4).half() for _ in range(3))
+    ref = reference.float_attention(q, k, v)
+    cfg = config or runtime.default_config(n, d)
+    sq, sk, sv = (quant.dynamic_scale(t) for t in (q, k, v))
+    q8, k8, v8 = (quant.quantize(t, s) for t, s in ((q, sq), (k, sk), (v, sv)))
+    params = quant.make_params(sq, sk, sv, head_dim=d)
+    out8 = torch.empty(shape, dtype=torch.int8, device="cuda")
+    out16 = torch.empty(shape, dtype=torch.float16, device="cuda")
+
+    def kern():
+        runtime.launch(cfg, q8, k8, v8, params, out=out8, out_dtype=torch.int8)
+
+    def kern16():
+        runtime.launch(cfg, q8, k8, v8, params, out=out16, out_dtype=torch.float16)
+
+    kern16()
+    want = reference.reference_int8(q8, k8, v8, params, cfg, out_dtype=torch.float16)
+    equal = bool(torch.equal(out16.view(torch.int16), want.view(torch.int16)))
+    sq_db = reference.sqnr_db(out16, ref)
+    base = dict(gpu=gpu, workload=name, batch=batch, B=b, H=h, N=n, D=d, config=cfg.short())
+    for mode, fn, graph in (("kernel", kern16, False), ("graph", kern16, True)):
+        rows.append({**base, "mode": mode, "impl": "qflash_gen", "us": _median_us(fn, graph), "sqnr_db": sq_db, "oracle_equal": equal})
+    rows.append({**base, "mode": "kernel_int8out", "impl": "qflash_gen", "us": _median_us(kern, False), "sqnr_db": math.nan, "oracle_equal": equal})
+
+    def full():
+        return runtime.attention(q, k, v, config=cfg)
+
+    out_full = full()
+    rows.append({**base, "mode": "fp16", "impl": "qflash_gen", "us": _median_us(full, False), "sqnr_db": reference.sqnr_db(out_full, ref), "oracle_equal": equal})
+    for impl in SDPA_BACKENDS:
+        fn = _sdpa(impl)
+        try:
+            o = fn(q, k, v)
+            s_db = reference.sqnr_db(o, ref)
+            t = _median_us(lambda fn=fn: fn(q, k, v), False)
+            tg = _median_us(lambda fn=fn: fn(q, k, v), True)
+        except RuntimeError as e:  # backend unavailable for this shape/dtype
+            print(f"  {impl}: unavailable ({str(e).splitlines()[0][:80]})", file=sys.stderr)
+            continue
+        rows.append({**base, "mode": "fp16", "impl": impl, "us": t, "sqnr_db": s_db, "oracle_equal": ""})
+        rows.append({**base, "mode": "graph", "impl": impl, "us": tg, "sqnr_db": s_db, "oracle_equal": ""})
+
+
+def markdown(rows: list[dict], gpu: str, header: str) -> str:
+    out = [header, "", "| workload | batch | qflash kernel µs | qflash graph µs | qflash fp16→fp16 µs | best SDPA fp16 µs (backend) | best SDPA graph µs | kernel ratio | graph ratio | fp16 ratio | SQNR dB | == oracle |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    keys = sorted({(r["workload"], r["batch"]) for r in rows}, key=lambda x: (x[0], x[1]))
+    for wl, bt in keys:
+        rs = [r for r in rows if r["workload"] == wl and r["batch"] == bt]
+        get = lambda mode, impl: next((r for r in rs if r["mode"] == mode and r["impl"] == impl), None)  # noqa: E731
+        qk, qg, qf = get("kernel", "qflash_gen"), get("graph", "qflash_gen"), get("fp16", "qflash_gen")
+        sd = [r for r in rs if r["mode"] == "fp16" and r["impl"] != "qflash_gen"]
+        sg = [r for r in rs if r["mode"] == "graph" and r["impl"] != "qflash_gen"]
+        best = min(sd, key=lambda r: r["us"]) if sd else None
+        bestg = min(sg, key=lambda r: r["us"]) if sg else None
+        ratio = lambda a, b: f"{b['us'] / a['us']:.2f}×" if a and b else "n/a"  # noqa: E731
+        out.append(
+            f"| {wl} | {bt} | {qk['us']:.1f} | {qg['us']:.1f} | {qf['us']:.1f} | "
+            f"{best['us']:.1f} ({best['impl']}) | {bestg['us']:.1f} | {ratio(qk, best)} | {ratio(qg, bestg)} | "
+            f"{ratio(qf, best)} | {qk['sqnr_db']:.1f} | {qk['oracle_equal']} |"
+        )
+    out.append("")
+    out.append("Ratios are best-SDPA time / qflash time (>1: qflash faster). kernel: int8 in, fp16 out, the launch alone.")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workloads", default="A1,A2,A3,A4,A5,A6,A7")
+    p.add_argument("--batches", default="1,8,64")
+    p.add_argument("--config", default=None, help="KernelConfig as k=v,... (default: the runtime's default)")
+    p.add_argument("--out", default="docs/benchmarks")
+    p.add_argument("--tag", default="", help="suffix for the output file names")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    cfg = None
+    if args.config:
+        kv = dict(item.split("=", 1) for item in args.config.split(","))
+        fields = KernelConfig().to_dict()
+        cfg = KernelConfig(**{k: (int(v) if isinstance(fields[k], int) else v) for k, v in kv.items()})
+    gpu = gpu_label()
+    rows: list[dict] = []
+    for wl in args.workloads.split(","):
+        for bt in (int(x) for x in args.batches.split(",")):
+            bench_one(wl, bt, cfg, rows, gpu)
+            last = [r for r in rows if r["workload"] == wl and r["batch"] == bt]
+            print(" ".join(f"{r['mode']}/{r['impl']}={r['us']:.1f}" for r in last), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{gpu}{args.tag}"
+    with open(out / f"{stem}.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    dev = torch.cuda.get_device_properties(0)
+    header = (
+        f"# qflash-gen vs SDPA fp16 on {torch.cuda.get_device_name()} ({gpu})\n\n"
+        f"{datetime.date.today()} · torch {torch.__version__} · triton {triton.__version__} · "
+        f"{dev.multi_processor_count} SMs · command: `python tools/bench.py --workloads {args.workloads} --batches {args.batches}"
+        + (f" --config {args.config}" if args.config else "")
+        + "`"
+    )
+    md = markdown(rows, gpu, header)
+    (out / f"{stem}.md").write_text(md + "\n")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
