@@ -31,8 +31,17 @@ OUT_FRAC_BITS = 8  # extra fraction bits of acc/l kept for float outputs (the pa
 KERNEL_NAME = "_qflash_fwd"
 
 
+@functools.lru_cache(maxsize=1)
 def _template_dir() -> importlib.resources.abc.Traversable:
-    return importlib.resources.files("qflash_gen.templates")
+    """Installed: the ``qflash_gen.templates`` resource package (pyproject maps templates/ there).
+    Plain checkout on sys.path (no install): ``<repo>/templates``."""
+    try:
+        return importlib.resources.files("qflash_gen.templates")
+    except ModuleNotFoundError:
+        checkout = Path(__file__).resolve().parents[1] / "templates"
+        if (checkout / TEMPLATE_NAME).is_file():
+            return checkout
+        raise
 
 
 def _load_template_source(name: str) -> tuple[str, str, None]:
