@@ -29,7 +29,7 @@ MASKED_BIAS = -(2**30)  # integer bias value for a masked key (kernel treats <= 
 class KernelParams:
     """Device tensors the kernel reads at start (so scales can change without recompiling).
 
-    ints:   int32 [R, MQ, HF, 0]
+    ints:   int32 [R, MQ, HF, 0] with MQ = floor(2**26 / R), HF = floor(2**30 / R)
     floats: float32 [OUT_MUL, 0]  with OUT_MUL = sv / 2**OUT_FRAC_BITS (float outputs only)
     """
 
@@ -68,7 +68,7 @@ def make_params(
     s = _as_tensor(c * LOG2E, device) * _as_tensor(sq, device) * _as_tensor(sk, device)
     inv = torch.where(s > 0, 1.0 / s, torch.full_like(s, float(R_MAX)))
     r = torch.nan_to_num(torch.round(inv), nan=R_MAX, posinf=R_MAX).clamp(1, R_MAX).to(torch.int64)
-    mq = ((1 << 26) + r - 1) // r
+    mq = (1 << 26) // r
     hf = (1 << 30) // r
     ints = torch.stack([r, mq, hf, torch.zeros_like(r)]).to(torch.int32)
     out_mul = (_as_tensor(sv, device) / (1 << frac)).to(torch.float32)

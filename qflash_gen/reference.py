@@ -25,19 +25,16 @@ INT32_MAX = 2**31 - 1
 
 
 def lut_table(lut_bits: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """T[i] = round(2**15 * 2**(-i / 2**lut_bits)), int32; T[0] = 2**15."""
+    """T[i] = round(2**15 * 2**(-i / 2**lut_bits)) for f = i / 2**lut_bits in [0, 2), int32."""
     n = 1 << lut_bits
-    vals = [round(Q15 * 2.0 ** (-i / n)) for i in range(n)]
+    vals = [round(Q15 * 2.0 ** (-i / n)) for i in range(2 * n)]
     return torch.tensor(vals, dtype=torch.int32, device=device)
 
 
 def _quotient_mulshift(y, r_, mq, hf):
     y = torch.minimum(y, 16 * r_ - 1)
-    q = (y * mq) >> 26
+    q = (y * mq) >> 26  # floor(y/R), or one less: then f lands in [1, 2)
     r = y - q * r_
-    over = r < 0
-    q = torch.where(over, q - 1, q)
-    r = torch.where(over, r + r_, r)
     return q, (r * hf) >> 16
 
 
