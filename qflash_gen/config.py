@@ -8,6 +8,7 @@ for a given workload (no integer overflow) is answered by :func:`check_workload`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from typing import Any, Literal
@@ -114,9 +115,10 @@ class KernelConfig:
     def replace(self, **changes: Any) -> KernelConfig:
         return dataclasses.replace(self, **changes)
 
-    @property
+    @functools.cached_property
     def hash(self) -> str:
-        """Stable across processes and Python versions (sha256 of sorted JSON)."""
+        """Stable across processes and Python versions (sha256 of sorted JSON); computed once
+        per object (it sits on the launch path through codegen.load's cache)."""
         blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+from types import ModuleType
 
 import torch
 import triton
@@ -77,8 +78,24 @@ def _check_backend(backend: str) -> None:
         raise ValueError(f"backend={backend!r} is unknown; choose one of {BACKENDS}")
 
 
-def _resolve_config(config: KernelConfig | None, n: int, d: int) -> KernelConfig:
+def _resolve_config(
+    config: KernelConfig | None,
+    n: int,
+    d: int,
+    *,
+    q: torch.Tensor | None = None,
+    masked: bool = False,
+    in_dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype = torch.int8,
+) -> KernelConfig:
+    """``config`` checked for (N, D); None: the tuning DB's pick for CUDA ``q`` (get_kernel's
+    lookup, memoized per call shape), else the safe default (CPU, interpreter, no ``q``)."""
     if config is None:
+        if q is not None and q.is_cuda:
+            from qflash_gen.kernel import config_for_call  # lazy: kernel imports this module
+
+            dtype = q.dtype if in_dtype is None else in_dtype
+            return config_for_call(q, masked=masked, in_dtype=dtype, out_dtype=out_dtype)
         return default_config(n, d)
     if not isinstance(config, KernelConfig):
         raise ValueError(f"config must be a KernelConfig or None, got {type(config).__name__}")
@@ -102,12 +119,27 @@ def launch(
     out_dtype: torch.dtype = torch.int8,
 ) -> torch.Tensor:
     """Run the rendered kernel for ``config`` on checked int8 inputs (no checks, no sync)."""
+    return launch_module(codegen.load(config), config, q8, k8, v8, params, bias, out, out_dtype)
+
+
+def launch_module(
+    module: ModuleType,
+    config: KernelConfig,
+    q8: torch.Tensor,
+    k8: torch.Tensor,
+    v8: torch.Tensor,
+    params: quant.KernelParams,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.int8,
+) -> torch.Tensor:
+    """``launch`` with the rendered module already loaded (``codegen.load(config)``): the lean
+    path of ``kernel.Kernel``, which loads once instead of hashing the config on every call."""
     b, h, n, d = q8.shape
     if out is None:
         out = torch.empty((b, h, n, d), dtype=out_dtype, device=q8.device)
     if out.numel() == 0:
         return out
-    module = codegen.load(config)
     lut = _lut(config.lut_bits, q8.device) if config.exp_variant == "lut" else params.ints
     if bias is None:
         bias_arg, bias_strides = params.ints, (0, 0, 0, 0)
@@ -177,7 +209,8 @@ def attention_int8(
     b, h, n, d = q8.shape
     if q8.numel() == 0:
         return torch.empty(q8.shape, dtype=out_dtype, device=q8.device)
-    cfg = _resolve_config(config, n, d)
+    masked = attn_mask is not None or float_bias is not None
+    cfg = _resolve_config(config, n, d, q=q8, masked=masked, out_dtype=out_dtype)
     params = quant.make_params(*scales, head_dim=d, scale=scale, device=q8.device)
     bias = quant.bias_to_int(attn_mask, params, float_bias=float_bias)
     return _run(cfg, q8, k8, v8, params, bias, out_dtype, backend)
@@ -219,5 +252,9 @@ def attention(
     q8, k8, v8 = quant.quantize(q, sq), quant.quantize(k, sk), quant.quantize(v, sv)
     return attention_int8(
         q8, k8, v8, (sq, sk, sv), attn_mask, scale,
-        float_bias=float_bias, config=config, out_dtype=q.dtype, backend=backend,
+        float_bias=float_bias, out_dtype=q.dtype, backend=backend,
+        config=_resolve_config(
+            config, q.shape[2], q.shape[3], q=q,
+            masked=attn_mask is not None or float_bias is not None, out_dtype=q.dtype,
+        ),
     )  # fmt: skip

@@ -1,0 +1,283 @@
+"""get_kernel: workload keys, the lookup chain (exact / nearest / default), the call vs the oracle."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from qflash_gen import codegen, db, kernel, quant, reference, runtime
+from qflash_gen.config import DEFAULT_CONFIG, KernelConfig, fits
+from qflash_gen.keys import BH_BUCKET_MAX, WorkloadKey, bh_bucket, key_distance, nearest_key, workload_key
+
+# Kernel launches: compiled on a GPU, Triton's interpreter on CPU (tests/conftest.py sets
+# TRITON_INTERPRET=1 when there is no GPU; the `device` fixture says where kernels run).
+requires_launch = pytest.mark.skipif(
+    not (torch.cuda.is_available() or runtime.interpreter_active()),
+    reason="launching the kernel needs CUDA or TRITON_INTERPRET=1 in the environment",
+)
+
+# A config far from the default, so "it ran the DB's config" is visible in the result and source.
+TUNED = KernelConfig(block_m=16, block_n=32, num_warps=2, num_stages=1, exp_variant="poly2", rescale_bits=4)
+
+
+def make_entry(key: WorkloadKey, config: KernelConfig = TUNED, latency: float = 10.0) -> db.Entry:
+    return db.Entry(
+        key=key,
+        config=config,
+        latency_us=latency,
+        latency_spread_us=0.1,
+        sqnr_db=35.0,
+        trials=12,
+        protocol={"method": "recorded"},
+    )
+
+
+@pytest.fixture
+def tdb(tmp_path) -> db.TuningDB:
+    kernel.clear_cache()
+    return db.TuningDB([tmp_path / "shipped", tmp_path / "user"])
+
+
+# -- workload keys ------------------------------------------------------------------------------
+def test_bh_buckets_are_ceiling_powers_of_two():
+    for bh in (1, 2, 3, 5, 12, 96, 768, 1000, 4096, 4097, BH_BUCKET_MAX, BH_BUCKET_MAX * 3):
+        b = bh_bucket(bh)
+        assert b & (b - 1) == 0 and b <= BH_BUCKET_MAX
+        assert b == BH_BUCKET_MAX or b // 2 < bh <= b
+    with pytest.raises(ValueError, match="B\\*H"):
+        bh_bucket(0)
+
+
+def test_workload_key_forms_and_defaults():
+    by_shape = workload_key(torch.Size([8, 12, 197, 64]))
+    assert by_shape == workload_key(8, 12, 197, 64)
+    assert by_shape.to_str() == f"n197_d64_nomask_bh{bh_bucket(96)}_fp16-fp16"
+    assert workload_key((1, 3, 49, 32), masked=True, in_dtype=torch.int8).to_str().endswith("_mask_bh4_int8-int8")
+    assert workload_key(1, 1, 49, 32, in_dtype="bfloat16", out_dtype=torch.int8).out_dtype == "int8"
+    for bad, arg in (((1, 1, 49), "shape"), ((1, 1, 0, 32), "shape"), ((1, 1, 49, 32.0), "shape")):
+        with pytest.raises(ValueError, match=arg):
+            workload_key(*bad)
+    with pytest.raises(ValueError, match="in_dtype"):
+        workload_key(1, 1, 49, 32, in_dtype=torch.int32)
+    with pytest.raises(ValueError, match="malformed"):
+        WorkloadKey.from_str("n197_d64_nomask_bh16_fp16")
+    with pytest.raises(ValueError, match="bh_bucket"):
+        WorkloadKey.from_str("n197_d64_nomask_bh3_fp16-fp16")
+
+
+def test_key_distance_and_nearest():
+    k = workload_key(1, 64, 197, 64)
+    near, far = workload_key(1, 16, 197, 64), workload_key(1, 1024, 197, 64)
+    assert key_distance(k, near) == 2 and key_distance(k, far) == 4
+    assert key_distance(k, workload_key(1, 64, 196, 64)) == float("inf")
+    assert key_distance(k, workload_key(1, 64, 197, 64, masked=True)) == float("inf")
+    assert nearest_key(k, [far, near]) == near
+    below, above = workload_key(1, 32, 197, 64), workload_key(1, 128, 197, 64)
+    assert nearest_key(k, [above, below]) == below  # documented tie-break: the smaller bucket
+    assert nearest_key(k, [workload_key(1, 64, 197, 64, out_dtype=torch.int8)]) is None
+
+
+# -- lookup chain -----------------------------------------------------------------------------
+def test_exact_lookup(tdb):
+    shape = (2, 6, 197, 64)
+    assert fits(TUNED, 197, 64) and fits(TUNED, 40, 32)  # else the DB would (rightly) skip it
+    tdb.write("h100", [make_entry(workload_key(shape))])
+    kern = kernel.get_kernel(shape, gpu="h100", db=tdb)
+    assert kern.why == "exact" and kern.config == TUNED and kern.gpu == "h100"
+    assert kern.key == workload_key(shape) and kern.entry.latency_us == 10.0
+    assert kern.origin == tdb.path("h100")
+    assert kern.source == codegen.render(TUNED)
+    assert kernel.get_kernel(shape, gpu="h100", db=tdb) is kern  # cached per (db, gpu, key)
+
+
+def test_nearest_lookup_stays_within_n_d_mask_and_dtypes(tdb):
+    other = TUNED.replace(block_m=32)
+    tdb.write(
+        "h100",
+        [
+            make_entry(workload_key(1, 16, 197, 64), TUNED),
+            make_entry(workload_key(1, 1024, 197, 64), other),
+            make_entry(workload_key(1, 64, 197, 64, masked=True), other),
+            make_entry(workload_key(1, 64, 577, 64), DEFAULT_CONFIG.replace(acc_bits=64)),
+        ],
+    )
+    kern = kernel.get_kernel((4, 16, 197, 64), gpu="h100", db=tdb)
+    assert kern.why == f"nearest:{workload_key(1, 16, 197, 64).to_str()}"
+    assert kern.config == TUNED and kern.key == workload_key(4, 16, 197, 64)
+    # same N, D, but int8 output: no entry shares the dtypes -> default
+    kern8 = kernel.get_kernel((4, 16, 197, 64), gpu="h100", db=tdb, out_dtype=torch.int8)
+    assert kern8.why == "default"
+
+
+def test_default_lookup(tdb, monkeypatch):
+    kern = kernel.get_kernel((1, 12, 197, 64), gpu="h100", db=tdb)
+    assert kern.why == "default" and kern.entry is None
+    assert kern.config == runtime.default_config(197, 64)
+    big = kernel.get_kernel((1, 12, 577, 64), gpu="h200", db=tdb)
+    assert big.config == runtime.default_config(577, 64) and big.config.acc_bits == 64
+
+
+def test_fallback_logged_once_per_key(tdb, caplog):
+    kernel._logged.clear()
+    with caplog.at_level(logging.INFO, logger="qflash_gen.kernel"):
+        for _ in range(3):
+            kernel.get_kernel((1, 12, 197, 64), gpu="h100", db=tdb)
+        kernel.clear_cache()
+        kernel.get_kernel((1, 12, 197, 64), gpu="h100", db=tdb)
+        kernel.get_kernel((1, 3, 197, 64), gpu="h100", db=tdb)
+    lines = [r.getMessage() for r in caplog.records if r.name == "qflash_gen.kernel"]
+    assert len(lines) == 2 and all("default" in line for line in lines)
+
+
+def test_a_write_in_this_process_refreshes_the_choice(tdb):
+    shape = (1, 12, 197, 64)
+    assert kernel.get_kernel(shape, gpu="h100", db=tdb).why == "default"
+    tdb.write("h100", [make_entry(workload_key(shape))])
+    assert kernel.get_kernel(shape, gpu="h100", db=tdb).why == "exact"
+
+
+def test_user_layer_wins_over_shipped(tdb, tmp_path):
+    key = workload_key(1, 12, 197, 64)
+    db.write_entries(tmp_path / "shipped" / "h100.yaml", [make_entry(key, TUNED, latency=1.0)])
+    assert kernel.get_kernel((1, 12, 197, 64), gpu="h100", db=tdb).config == TUNED
+    tdb.write("h100", [make_entry(key, TUNED.replace(block_m=64), latency=50.0)])
+    kern = kernel.get_kernel((1, 12, 197, 64), gpu="h100", db=tdb)
+    assert kern.config.block_m == 64 and kern.origin == tmp_path / "user" / "h100.yaml"
+
+
+def test_gpu_names(tdb):
+    with pytest.raises(ValueError, match=r"gpu='h1000' is not a known GPU.*'h100'"):
+        kernel.get_kernel((1, 1, 49, 32), gpu="h1000", db=tdb)
+    # an unknown card with its own DB file is accepted
+    key = workload_key(1, 1, 49, 32)
+    tdb.write("amd_instinct_mi300x", [make_entry(key)])
+    assert kernel.get_kernel((1, 1, 49, 32), gpu="amd_instinct_mi300x", db=tdb).why == "exact"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
+def test_without_cuda_and_without_gpu_the_default_runs(tdb):
+    kern = kernel.get_kernel((1, 2, 49, 32), db=tdb)
+    assert kern.gpu == kernel.CPU and kern.why == "default"
+
+
+def test_bad_shapes(tdb):
+    with pytest.raises(ValueError, match="head_dim D=48"):
+        kernel.get_kernel((1, 1, 49, 48), gpu="h100", db=tdb)
+    with pytest.raises(ValueError, match="shape"):
+        kernel.get_kernel(torch.zeros(1, 1, 49, 32), gpu="h100", db=tdb)
+    with pytest.raises(ValueError, match="N=0"):
+        kernel.get_kernel((1, 1, 0, 32), gpu="h100", db=tdb)
+    assert kernel.get_kernel((0, 12, 49, 32), gpu="h100", db=tdb).key.bh_bucket == 1
+
+
+def test_corrupt_db_is_an_error_naming_the_file(tdb):
+    path = tdb.path("h100")
+    path.parent.mkdir(parents=True)
+    path.write_text("schema_version: 1\nheader: {gpu: h100}\nentries:\n- key: [\n")
+    with pytest.raises(db.DBError, match=str(path) + r":\d+:"):
+        kernel.get_kernel((1, 1, 49, 32), gpu="h100", db=tdb)
+
+
+def test_runtime_on_cpu_keeps_the_default():
+    q = torch.zeros(1, 2, 49, 32, dtype=torch.int8)
+    assert runtime._resolve_config(None, 49, 32, q=q) == runtime.default_config(49, 32)
+    assert runtime._resolve_config(None, 577, 64) == runtime.default_config(577, 64)
+
+
+# -- the call -----------------------------------------------------------------------------------
+def _inputs(shape, seed, device):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(-127, 128, shape, dtype=torch.int8, generator=g).to(device) for _ in range(3)]
+
+
+@pytest.mark.gpu
+@requires_launch
+def test_call_equals_the_oracle_without_per_call_config_work(tdb, monkeypatch, device):
+    shape = (1, 2, 40, 32)  # N=40: two key tiles of the tuned block_n=32, so the rescale path runs
+    tdb.write("h100", [make_entry(workload_key(shape, in_dtype=torch.int8))])
+    kern = kernel.get_kernel(shape, dtype=torch.int8, gpu="h100", db=tdb)
+    assert kern.why == "exact" and kern.config == TUNED
+    scales = (0.021, 0.017, 0.011)
+    q8, k8, v8 = _inputs(shape, 0, device)
+    out = kern(q8, k8, v8, scales)
+    params = quant.make_params(*scales, head_dim=32, device=device)
+    assert out.dtype == torch.int8
+    assert torch.equal(out, reference.reference_int8(q8, k8, v8, params, TUNED))
+
+    # Second call: no config hashing, no module loading, no DB reading on the call path.
+    def forbidden(*args, **kwargs):
+        raise AssertionError("per-call work on the hot path")
+
+    monkeypatch.setattr(codegen, "load", forbidden)
+    monkeypatch.setattr(KernelConfig, "hash", property(forbidden))
+    monkeypatch.setattr(db, "load_file", forbidden)
+    mask = torch.rand(1, 1, 40, 40, generator=torch.Generator().manual_seed(1)).to(device) > 0.3
+    q8, k8, v8 = _inputs(shape, 2, device)
+    out16 = kern(q8, k8, v8, scales, mask, out_dtype=torch.float16)
+    bias = quant.bias_to_int(mask, params)
+    expect = reference.reference_int8(q8, k8, v8, params, TUNED, bias=bias, out_dtype=torch.float16)
+    assert torch.equal(out16, expect)
+
+
+@pytest.mark.gpu
+@requires_launch
+def test_call_with_device_scales_and_out_buffer(tdb, device):
+    shape = (2, 1, 24, 32)
+    kern = kernel.get_kernel(shape, dtype=torch.int8, gpu="h100", db=tdb)
+    assert kern.why == "default"
+    scales = tuple(torch.tensor(s, device=device) for s in (0.02, 0.02, 0.015))
+    q8, k8, v8 = _inputs(shape, 3, device)
+    out = torch.empty(shape, dtype=torch.int8, device=device)
+    got = kern(q8, k8, v8, scales, out=out)
+    params = quant.make_params(*scales, head_dim=32, device=device)
+    assert got is out
+    assert torch.equal(out, reference.reference_int8(q8, k8, v8, params, kern.config))
+
+
+def test_call_rejects_what_the_kernel_was_not_looked_up_for(tdb):
+    kern = kernel.get_kernel((1, 2, 40, 32), dtype=torch.int8, gpu="h100", db=tdb)
+    q8 = torch.zeros(1, 2, 41, 32, dtype=torch.int8)
+    with pytest.raises(ValueError, match="N=41, D=32 but this kernel is for N=40"):
+        kern(q8, q8, q8, (0.1, 0.1, 0.1))
+    f = torch.zeros(1, 2, 40, 32)
+    with pytest.raises(ValueError, match="q has dtype torch.float32"):
+        kern(f, f, f, (0.1, 0.1, 0.1))
+    ok = torch.zeros(1, 2, 40, 32, dtype=torch.int8)
+    with pytest.raises(ValueError, match="scales"):
+        kern(ok, ok, ok, (0.1, 0.1))
+    with pytest.raises(ValueError, match="out_dtype"):
+        kern(ok, ok, ok, (0.1, 0.1, 0.1), out_dtype=torch.int32)
+    with pytest.raises(ValueError, match="out must be"):
+        kern(ok, ok, ok, (0.1, 0.1, 0.1), out=torch.empty(1, 2, 40, 32))
+
+
+# -- on a GPU (pytest -m gpu on the device machine) -------------------------------------------
+@pytest.mark.cuda_only
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_attention_uses_the_db_on_cuda_and_graph_replay_matches(tmp_path, monkeypatch):
+    from qflash_gen.gpu import current_gpu
+
+    monkeypatch.setenv(db.ENV_DB_DIR, str(tmp_path))
+    kernel.clear_cache()
+    shape = (1, 3, 197, 64)
+    db.TuningDB.default().write(current_gpu(), [make_entry(workload_key(shape), TUNED.replace(block_n=64))])
+    q = torch.randn(shape, device="cuda", dtype=torch.float16)
+    assert runtime._resolve_config(None, 197, 64, q=q) == TUNED.replace(block_n=64)
+    out = runtime.attention(q, q, q)
+    assert torch.equal(out, runtime.attention(q, q, q, backend="reference"))
+
+    kern = kernel.get_kernel(shape, dtype=torch.int8)
+    q8 = torch.randint(-127, 128, shape, dtype=torch.int8, device="cuda")
+    static_out = torch.empty(shape, dtype=torch.int8, device="cuda")
+    kern(q8, q8, q8, (0.02, 0.02, 0.02), out=static_out)  # warm-up: compile, cache constants
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        kern(q8, q8, q8, (0.02, 0.02, 0.02), out=static_out)
+    expect = kern(q8, q8, q8, (0.02, 0.02, 0.02)).clone()
+    static_out.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_out, expect)
