@@ -1,0 +1,169 @@
+"""The tuner's only contact with the GPU naming, the workload keys and the YAML DB.
+
+Kept in one small module so that a change of those APIs (``qflash_gen.gpu``, ``qflash_gen.keys``,
+``qflash_gen.db``) changes one file of the tuner.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qflash_gen import db, gpu, keys
+from qflash_gen.config import KernelConfig
+from qflash_gen.tune.measure import ShapeSpec
+
+# Workload dtype (what the user's tensors are) → (key in_dtype, key out_dtype, kernel out dtype).
+DTYPES: dict[str, tuple[str, str, str]] = {
+    "fp16": ("fp16", "fp16", "fp16"),
+    "bf16": ("bf16", "bf16", "bf16"),
+    "fp32": ("fp32", "fp32", "fp32"),
+    "int8": ("int8", "int8", "int8"),
+}
+
+
+def known_gpus() -> list[str]:
+    return sorted(gpu.KNOWN_GPUS)
+
+
+def check_gpu_name(name: str) -> str:
+    """``--gpu`` must be a known short name (ValueError listing them)."""
+    return gpu.check_gpu_name(name, argument="--gpu")
+
+
+def present_gpu() -> tuple[str | None, str]:
+    """``(short name, description)`` of the CUDA device present, or ``(None, why not)``."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None, "no CUDA GPU is present (torch.cuda.is_available() is False)"
+    name = gpu.current_gpu()
+    return name, f"{name} ({torch.cuda.get_device_name()})"
+
+
+def key_for(shape: ShapeSpec, dtype: str) -> keys.WorkloadKey:
+    in_dtype, out_dtype, _ = DTYPES[dtype]
+    return keys.workload_key(
+        shape.b, shape.h, shape.n, shape.d, masked=shape.masked, in_dtype=in_dtype, out_dtype=out_dtype
+    )
+
+
+def kernel_out_dtype(dtype: str) -> str:
+    return DTYPES[dtype][2]
+
+
+def dtype_for_kernel_out(out_dtype: str) -> str:
+    """The workload dtype whose kernel output is ``out_dtype`` (to key a recorded table)."""
+    for name, (_, _, out) in DTYPES.items():
+        if out == out_dtype:
+            return name
+    raise ValueError(f"no workload dtype has kernel output {out_dtype!r}")
+
+
+def db_file(target: str | os.PathLike[str] | None, gpu_name: str) -> Path:
+    """``--db``: a ``<gpu>.yaml`` file, or a directory holding it (default: the user DB dir)."""
+    if target is None:
+        return db.user_db_dir() / f"{gpu_name}.yaml"
+    path = Path(target).expanduser()
+    if path.suffix in (".yaml", ".yml"):
+        if path.stem != gpu_name:
+            raise ValueError(f"--db {path}: a DB for gpu {gpu_name!r} must be named {gpu_name}.yaml")
+        return path
+    return path / f"{gpu_name}.yaml"
+
+
+def db_best(target: str | os.PathLike[str] | None, gpu_name: str, key: keys.WorkloadKey) -> KernelConfig | None:
+    """The config the DB holds for ``key`` on ``gpu_name`` (shipped DB overlaid by ``--db``), or None.
+
+    What the tuner enqueues first: the incumbent is measured again under this run's protocol."""
+    path = db_file(target, gpu_name)
+    entry = db.TuningDB([db.shipped_db_dir(), path.parent]).lookup(gpu_name, key)  # a corrupt file: DBError
+    return None if entry is None else entry.config
+
+
+def _software(environment: Mapping[str, Any], space_hash: str) -> dict[str, str | None]:
+    """Entry software fingerprint: the measuring machine's (a recorded table's environment, or this
+    process when it measured live)."""
+    if not environment or environment.get("triton") is None:
+        return db.running_software(space_hash)
+    return {
+        "triton": environment.get("triton"),
+        "torch": environment.get("torch"),
+        "cuda": environment.get("cuda"),
+        "template_hash": environment.get("template_sha256"),
+        "search_space_hash": space_hash,
+        "qflash_gen": environment.get("qflash_gen"),
+    }
+
+
+def _plain(value: Any) -> Any:
+    """YAML-safe copy (str keys, plain scalars, lists)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class BestResult:
+    """What goes into one DB entry (filled by the CLI from a study's pick)."""
+
+    shape: ShapeSpec
+    dtype: str
+    config: KernelConfig
+    latency_us: float
+    spread_us: float
+    sqnr_db: float
+    trials: int
+    protocol: Mapping[str, Any]
+    environment: Mapping[str, Any]
+    space_hash: str
+
+
+def write_best(target: str | os.PathLike[str] | None, gpu_name: str, results: Sequence[BestResult]) -> db.WriteReport:
+    """Merge the picks into ``<db>/<gpu>.yaml`` (atomic, locked; a worse result never replaces a
+    better one).  Each entry's protocol carries the provenance (measured or simulated from which
+    table), the tuner settings and the workload."""
+    path = db_file(target, gpu_name)
+    entries = []
+    for r in results:
+        device = r.environment.get("device") if r.environment else None
+        entries.append(
+            db.Entry(
+                key=key_for(r.shape, r.dtype),
+                config=r.config,
+                latency_us=float(r.latency_us),
+                latency_spread_us=float(r.spread_us),
+                sqnr_db=float(r.sqnr_db),
+                trials=int(r.trials),
+                protocol=_plain(r.protocol),
+                measured_on_device=str(device) if device else None,
+                software=_software(r.environment, r.space_hash),
+            )
+        )
+    return db.write_entries(path, entries, gpu=gpu_name)
+
+
+def write_front(
+    target: str | os.PathLike[str] | None, gpu_name: str, shape: ShapeSpec, dtype: str, front: list[dict[str, Any]]
+) -> Path:
+    """Store a Pareto front next to the DB: ``<db dir>/fronts/<gpu>/<key>.yaml`` (atomic)."""
+    key = key_for(shape, dtype).to_str()
+    path = db_file(target, gpu_name).parent / "fronts" / gpu_name / f"{key}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(
+        {"gpu": gpu_name, "key": key, "workload": shape.workload, "batch": shape.batch, "front": _plain(front)},
+        sort_keys=False,
+    )
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,281 @@
+"""The worker-side measurement: runs inside the isolated worker process (see :mod:`.isolate`).
+
+``run_job(job)`` handles three ops:
+
+* ``measure``: for each shape, build (or reuse) fresh random inputs, launch the candidate once and
+  compare it bit for bit with ``reference_int8`` (a mismatch fails the candidate, no timing), take
+  the SQNR of its float output against float64 attention of the dequantized int8 inputs, then time
+  it by the protocol (``triton.testing.do_bench`` median with the L2 flushed before every rep, or
+  CUDA-graph replay).
+* ``compile``: launch once on a batch-1 instance of each shape, so Triton's on-disk cache holds the
+  binary before the timed worker needs it (parallel precompilation).
+* ``environment``: device, driver, CUDA, torch, Triton and template versions.
+
+On a machine without CUDA (tests) the same code runs the kernel through Triton's interpreter
+(``TRITON_INTERPRET=1``) and "times" it with the wall clock: those numbers are labeled
+``timing: cpu-interpreter`` and say nothing about a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import time
+import zlib
+from typing import Any
+
+import torch
+
+from qflash_gen import codegen, quant, reference, runtime
+from qflash_gen.config import KernelConfig
+from qflash_gen.tune.measure import Measurement, Protocol, ShapeSpec
+
+_TORCH_DTYPES = {"int8": torch.int8, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+_FATAL_MARKERS = (
+    "illegal memory access",
+    "unspecified launch failure",
+    "misaligned address",
+    "illegal instruction",
+    "device-side assert",
+    "cuda error: an illegal",
+)
+_INPUT_CACHE_MAX = 16
+_inputs_cache: dict[tuple, dict[str, Any]] = {}
+
+
+class WorkerFatal(RuntimeError):
+    """This process's CUDA context is unusable: the worker must be replaced (see worker.py)."""
+
+    fatal = True
+
+
+def _device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def swin_shift_mask(windows: int, window: int = 7, device: torch.device | str = "cpu") -> torch.Tensor | None:
+    """Swin's shifted-window attention mask: ``(windows, N, N)`` bool, True = attend.
+
+    The feature map is ``sqrt(windows) * window`` wide, cyclically shifted by ``window // 2``;
+    tokens of a window attend only to tokens from the same region (Swin, Liu et al. 2021).  None
+    when there is no shift (one window per image: Swin disables the shift there) or ``windows``
+    is not a square."""
+    side = math.isqrt(windows)
+    if windows <= 1 or side * side != windows:
+        return None
+    size, shift = side * window, window // 2
+    img = torch.zeros((size, size), dtype=torch.int64)
+    cnt = 0
+    for hs in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
+        for ws in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
+            img[hs, ws] = cnt
+            cnt += 1
+    ids = img.view(side, window, side, window).permute(0, 2, 1, 3).reshape(windows, window * window)
+    return (ids[:, :, None] == ids[:, None, :]).to(device)
+
+
+def _inputs(shape: ShapeSpec, seed: int, device: torch.device) -> dict[str, Any]:
+    """Random int8 inputs of a shape and their float64 reference output (cached per shape)."""
+    key = (*shape.match_key(), shape.windows, seed, str(device))
+    got = _inputs_cache.get(key)
+    if got is not None:
+        return got
+    if len(_inputs_cache) >= _INPUT_CACHE_MAX:
+        _inputs_cache.pop(next(iter(_inputs_cache)))
+    b, h, n, d = shape.shape
+    g = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + zlib.crc32(repr(shape.match_key()).encode()))
+    q, k, v = (torch.randn((b, h, n, d), generator=g).to(device) for _ in range(3))
+    sq, sk, sv = (quant.dynamic_scale(t) for t in (q, k, v))
+    q8, k8, v8 = quant.quantize(q, sq), quant.quantize(k, sk), quant.quantize(v, sv)
+    params = quant.make_params(sq, sk, sv, head_dim=d, device=device)
+    mask = float_bias = bias = None
+    if shape.masked:
+        float_bias = (torch.randn((1, h, n, n), generator=g) * 2.0).to(device)
+        win = swin_shift_mask(shape.windows, device=device) if n == 49 else None
+        if win is not None:
+            mask = win.repeat(b // shape.windows, 1, 1).unsqueeze(1)  # (B, 1, N, N)
+        bias = quant.bias_to_int(mask, params, float_bias=float_bias)
+    qf, kf, vf = q8.double() * sq.double(), k8.double() * sk.double(), v8.double() * sv.double()
+    ref = reference.float_attention(qf, kf, vf, attn_mask=mask, float_bias=float_bias)
+    got = {"q8": q8, "k8": k8, "v8": v8, "params": params, "bias": bias, "ref": ref, "sv": sv}
+    _inputs_cache[key] = got
+    return got
+
+
+def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> tuple[bool, int]:
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False, a.numel()
+    if a.is_floating_point():
+        view = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        same = a.view(view) == b.view(view)
+    else:
+        same = a == b
+    bad = int((~same).sum())
+    return bad == 0, bad
+
+
+def _launch(cfg: KernelConfig, x: dict[str, Any], out: torch.Tensor) -> torch.Tensor:
+    return runtime.launch(cfg, x["q8"], x["k8"], x["v8"], x["params"], bias=x["bias"], out=out, out_dtype=out.dtype)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _check_context(device: torch.device, exc: BaseException) -> None:
+    """Raise WorkerFatal if ``exc`` left the CUDA context unusable."""
+    text = str(exc).lower()
+    if device.type != "cuda":
+        return
+    if any(m in text for m in _FATAL_MARKERS):
+        raise WorkerFatal(f"CUDA context lost: {exc}") from exc
+    try:
+        torch.cuda.synchronize()
+    except Exception as again:  # noqa: BLE001 - any failure here means the context is gone
+        raise WorkerFatal(f"CUDA context lost after: {exc} ({again})") from exc
+
+
+def _check_against_oracle(cfg: KernelConfig, x: dict[str, Any], out: torch.Tensor) -> str | None:
+    try:
+        want = reference.reference_int8(
+            x["q8"], x["k8"], x["v8"], x["params"], cfg, bias=x["bias"], out_dtype=out.dtype
+        )
+    except OverflowError as exc:
+        return f"overflow: {exc}"
+    same, bad = _bits_equal(out, want)
+    if not same:
+        return f"output differs from the oracle in {bad} of {out.numel()} elements ({out.dtype})"
+    return None
+
+
+def _time(fn, protocol: Protocol, device: torch.device) -> tuple[float, float]:
+    """(median, p80 - p20) in microseconds."""
+    if device.type == "cuda":
+        import triton.testing
+
+        if protocol.timing == "cudagraph":
+            q20, q50, q80 = triton.testing.do_bench_cudagraph(fn, rep=protocol.rep_ms, quantiles=[0.2, 0.5, 0.8])
+        else:
+            q20, q50, q80 = triton.testing.do_bench(
+                fn, warmup=protocol.warmup_ms, rep=protocol.rep_ms, quantiles=[0.2, 0.5, 0.8]
+            )
+        return q50 * 1e3, (q80 - q20) * 1e3
+    samples = []
+    for _ in range(3):  # interpreter: wall clock, for the test of this code path only
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e6)
+    samples.sort()
+    return samples[1], samples[-1] - samples[0]
+
+
+def measure_one(cfg: KernelConfig, shape: ShapeSpec, protocol: Protocol) -> Measurement:
+    """Correctness, SQNR and latency of one config on one shape (see the module doc)."""
+    device = _device()
+    if device.type == "cpu" and not runtime.interpreter_active():
+        return Measurement.failed("no CUDA device and TRITON_INTERPRET is not set")
+    try:
+        x = _inputs(shape, protocol.seed, device)
+        b, h, n, d = shape.shape
+        out_dtype = _TORCH_DTYPES[protocol.out_dtype]
+        out = torch.empty((b, h, n, d), dtype=out_dtype, device=device)
+        _launch(cfg, x, out)  # compiles (or loads from Triton's cache) and runs
+        _sync(device)
+        wrong = _check_against_oracle(cfg, x, out)
+        if wrong:
+            return Measurement(latency_us=None, spread_us=None, sqnr_db=None, correct=False, error=wrong)
+        if out.is_floating_point():
+            sqnr = reference.sqnr_db(out, x["ref"])
+        else:  # int8 out: the softmax's accuracy shows in the float output of the same config
+            out16 = torch.empty((b, h, n, d), dtype=torch.float16, device=device)
+            _launch(cfg, x, out16)
+            _sync(device)
+            wrong = _check_against_oracle(cfg, x, out16)
+            if wrong:
+                return Measurement(latency_us=None, spread_us=None, sqnr_db=None, correct=False, error=wrong)
+            sqnr = reference.sqnr_db(out16, x["ref"])
+        latency, spread = _time(lambda: _launch(cfg, x, out), protocol, device)
+        return Measurement(latency_us=latency, spread_us=spread, sqnr_db=sqnr, correct=True, error=None)
+    except WorkerFatal:
+        raise
+    except Exception as exc:  # compile error, out of resources, ...: this candidate fails
+        _check_context(device, exc)
+        return Measurement.failed(f"{type(exc).__name__}: {str(exc).strip()[:500]}")
+
+
+def compile_one(cfg: KernelConfig, shapes: list[ShapeSpec], protocol: Protocol) -> dict[str, Any]:
+    """Launch once per distinct (H, N, D, masked) on small inputs: fills Triton's disk cache.
+
+    The small instance keeps what Triton specializes on (strides, H, the output dtype; batch 2
+    keeps a broadcast bias's zero batch stride), so the timed worker hits the same cache entry."""
+    device = _device()
+    dtypes = [_TORCH_DTYPES[protocol.out_dtype]]
+    if protocol.out_dtype == "int8":
+        dtypes.append(torch.float16)  # an int8 measurement also launches fp16 out for the SQNR
+    done = set()
+    for s in shapes:
+        batch = min(s.batch, 2)
+        small = ShapeSpec(s.workload, batch, batch * s.windows, s.h, s.n, s.d, s.masked)
+        if small.match_key() in done:
+            continue
+        done.add(small.match_key())
+        x = _inputs(small, protocol.seed, device)
+        for dtype in dtypes:
+            _launch(cfg, x, torch.empty(small.shape, dtype=dtype, device=device))
+        _sync(device)
+    return {"compiled": len(done)}
+
+
+def environment() -> dict[str, Any]:
+    """What produced the numbers: device, driver, CUDA, torch, Triton, template."""
+    import triton
+
+    from qflash_gen import __version__
+
+    env: dict[str, Any] = {
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "qflash_gen": __version__,
+        "template_sha256": codegen.template_hash(),
+        "cuda": torch.version.cuda,
+    }
+    if torch.cuda.is_available():
+        from qflash_gen.gpu import current_gpu
+
+        props = torch.cuda.get_device_properties(0)
+        env.update(
+            device=props.name,
+            cc=f"{props.major}.{props.minor}",
+            gpu=current_gpu(),
+            sm_count=props.multi_processor_count,
+            smem_per_block_optin=getattr(props, "shared_memory_per_block_optin", None),
+        )
+        try:
+            env["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader", "-i", "0"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+                check=True,
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            env["driver"] = None
+    else:
+        env.update(device="cpu (Triton interpreter)", gpu=None)
+    return env
+
+
+def run_job(job: dict[str, Any]) -> dict[str, Any]:
+    """The worker target (``qflash_gen.tune.gpu_worker:run_job``)."""
+    op = job.get("op", "measure")
+    if op == "environment":
+        return environment()
+    cfg = KernelConfig.from_dict(job["config"])
+    shapes = [ShapeSpec.from_dict(s) for s in job["shapes"]]
+    protocol = Protocol.from_dict(job.get("protocol") or {})
+    if op == "compile":
+        return compile_one(cfg, shapes, protocol)
+    if op != "measure":
+        raise ValueError(f"unknown op {op!r}")
+    return {"measurements": [measure_one(cfg, s, protocol).to_dict() for s in shapes]}

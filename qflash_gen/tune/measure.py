@@ -1,0 +1,311 @@
+"""Measurement backends: one interface, a GPU implementation and a replay of recorded tables.
+
+The tuner only ever asks ``measurer.measure(config, shape)``.  Behind it, :class:`GPUMeasurer`
+compiles and times the candidate in an isolated worker process (:mod:`.isolate`,
+:mod:`.gpu_worker`), and :class:`qflash_gen.tune.simulate.SimulatedMeasurer` looks the answer up
+in a table recorded on a real GPU (Kernel Tuner's simulation mode), so the search logic and the
+DB writing are tested on a CPU with real numbers.
+
+Every measurement follows one recorded :class:`Protocol`: fresh random inputs, correctness
+against the bit-exact oracle before any timing (a wrong kernel is a failed trial, never a fast
+one), SQNR against float64 attention, then the latency.
+"""
+
+from __future__ import annotations
+
+import abc
+import concurrent.futures
+import dataclasses
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from qflash_gen.config import KernelConfig
+from qflash_gen.tune.isolate import IsolatedRunner
+
+GPU_TARGET = "qflash_gen.tune.gpu_worker:run_job"
+OUT_DTYPES: tuple[str, ...] = ("fp16", "bf16", "fp32", "int8")
+TIMINGS: tuple[str, ...] = ("do_bench", "cudagraph")
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapeSpec:
+    """One kernel launch to tune: a workload at a batch size, and its ``(B, H, N, D)``."""
+
+    workload: str
+    batch: int
+    b: int
+    h: int
+    n: int
+    d: int
+    masked: bool
+
+    @classmethod
+    def of(cls, workload: Any, batch: int) -> ShapeSpec:
+        """From a :class:`qflash_gen.workloads.Workload` (or its name) and a batch size."""
+        from qflash_gen import workloads
+
+        w = workloads.get(workload) if isinstance(workload, str) else workload
+        b, h, n, d = workloads.shapes(w, batch)
+        return cls(workload=w.name, batch=batch, b=b, h=h, n=n, d=d, masked=w.masked)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (self.b, self.h, self.n, self.d)
+
+    @property
+    def windows(self) -> int:
+        """Attention instances per image (Swin windows); 1 when B is not a multiple of batch."""
+        return self.b // self.batch if self.batch and self.b % self.batch == 0 else 1
+
+    def match_key(self) -> tuple[int, int, int, int, bool]:
+        """What identifies the launch (the workload name does not: vit_b and deit_b are one)."""
+        return (self.b, self.h, self.n, self.d, self.masked)
+
+    def label(self) -> str:
+        return f"{self.workload} b{self.batch}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ShapeSpec:
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
+
+
+@dataclasses.dataclass(frozen=True)
+class Measurement:
+    """The outcome of one candidate on one shape.
+
+    ``correct`` is bit-equality with the oracle; ``latency_us`` (median) and ``spread_us``
+    (80th minus 20th percentile) are None when nothing was timed; ``error`` says why a
+    candidate failed (compile error, crash, timeout, mismatch, not in the recorded table)."""
+
+    latency_us: float | None
+    spread_us: float | None
+    sqnr_db: float | None
+    correct: bool
+    error: str | None = None
+
+    @classmethod
+    def failed(cls, error: str) -> Measurement:
+        return cls(latency_us=None, spread_us=None, sqnr_db=None, correct=False, error=error)
+
+    @property
+    def ok(self) -> bool:
+        """Correct and timed: a trial with a value (it may still miss the SQNR floor)."""
+        return (
+            self.correct
+            and self.error is None
+            and self.latency_us is not None
+            and math.isfinite(self.latency_us)
+            and self.sqnr_db is not None
+        )
+
+    def feasible(self, sqnr_floor: float) -> bool:
+        return self.ok and self.sqnr_db is not None and self.sqnr_db >= sqnr_floor
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Measurement:
+        def num(key: str) -> float | None:
+            v = data.get(key)
+            return None if v is None else float(v)
+
+        return cls(
+            latency_us=num("latency_us"),
+            spread_us=num("spread_us"),
+            sqnr_db=num("sqnr_db"),
+            correct=bool(data.get("correct", False)),
+            error=data.get("error") or None,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    """How a measurement is taken; recorded with every DB entry and at the top of every table.
+
+    Attributes:
+        timing: ``do_bench`` (``triton.testing.do_bench``: L2 flushed before every rep, median of
+            the reps) or ``cudagraph`` (``do_bench_cudagraph``: launches replayed from a CUDA
+            graph, no host overhead, no L2 flush).
+        warmup_ms, rep_ms: do_bench's warm-up and measuring time budgets (rep_ms sets the count).
+        out_dtype: the kernel's output dtype while timed (the workload key's out dtype).
+        seed: seed of the random inputs (fresh per shape, the same for every candidate).
+    """
+
+    timing: str = "do_bench"
+    warmup_ms: float = 10.0
+    rep_ms: float = 50.0
+    out_dtype: str = "fp16"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.timing not in TIMINGS:
+            raise ValueError(f"timing={self.timing!r} is not supported; choose one of {TIMINGS}")
+        if self.out_dtype not in OUT_DTYPES:
+            raise ValueError(f"out_dtype={self.out_dtype!r} is not supported; choose one of {OUT_DTYPES}")
+        if not (self.warmup_ms >= 0 and self.rep_ms > 0):
+            raise ValueError(f"warmup_ms={self.warmup_ms} must be >= 0 and rep_ms={self.rep_ms} > 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The full description (what a reader of a DB entry or a table needs to trust it)."""
+        return {
+            "timing": self.timing,
+            "statistic": "median of reps; spread = p80 - p20",
+            "warmup_ms": self.warmup_ms,
+            "rep_ms": self.rep_ms,
+            "l2_flush": self.timing == "do_bench",
+            "out_dtype": self.out_dtype,
+            "seed": self.seed,
+            "inputs": "fresh randn fp32 q, k, v per shape, per-tensor dynamic int8 scales; masked shapes: "
+            "Swin shifted-window mask + randn*2 relative-position bias",
+            "correctness": "bit-exact vs the integer oracle reference_int8 (same config) before timing; a mismatch fails the trial",
+            "sqnr": "float output (fp16 when timing int8) vs fp64 attention of the dequantized int8 inputs",
+            "isolation": "one worker subprocess per candidate stream, per-candidate timeout",
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Protocol:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in fields})
+
+
+class Measurer(abc.ABC):
+    """Contract: :meth:`measure` returns a :class:`Measurement` for any config and shape and
+    never raises for a bad candidate (a crash, a hang, a wrong result or an absent table row is a
+    ``Measurement`` with ``correct=False`` and an ``error``).  ``gpu`` names the card the numbers
+    come from; ``protocol`` says how they were taken (stored with every DB entry); ``provenance``
+    adds where they come from (a live GPU, or a recorded table and its sha256)."""
+
+    gpu: str
+
+    @property
+    @abc.abstractmethod
+    def protocol(self) -> dict[str, Any]: ...
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        return {"source": "measured"}
+
+    @abc.abstractmethod
+    def measure(self, config: KernelConfig, shape: ShapeSpec) -> Measurement: ...
+
+    def measure_many(self, config: KernelConfig, shapes: Sequence[ShapeSpec]) -> list[Measurement]:
+        """One config on several shapes (one compile where the backend can share it)."""
+        return [self.measure(config, s) for s in shapes]
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release workers or files."""
+
+    def __enter__(self) -> Measurer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class GPUMeasurer(Measurer):
+    """Compile and time candidates on the local GPU, each in an isolated worker process.
+
+    Args:
+        gpu: the short GPU name the numbers are recorded under (checked by the caller).
+        protocol: how to measure.
+        timeout_s: limit for one candidate (compile + correctness + timing of all its shapes).
+        target: the worker function (tests substitute a fake one).
+        env: extra environment for the worker (``CUDA_VISIBLE_DEVICES`` for one GPU of many).
+    """
+
+    def __init__(
+        self,
+        gpu: str,
+        protocol: Protocol | None = None,
+        *,
+        timeout_s: float = 120.0,
+        target: str = GPU_TARGET,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.gpu = gpu
+        self._protocol = protocol or Protocol()
+        self.timeout_s = timeout_s
+        self.target = target
+        self.env = dict(env or {})
+        self.runner = IsolatedRunner(target, timeout_s=timeout_s, env=self.env)
+        self._environment: dict[str, Any] | None = None
+
+    @property
+    def protocol(self) -> dict[str, Any]:
+        return self._protocol.to_dict()
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        return {"source": "measured", "environment": self.environment()}
+
+    def environment(self) -> dict[str, Any]:
+        """Device, driver and library versions, as the worker sees them (asked once)."""
+        if self._environment is None:
+            res = self.runner.run({"op": "environment"})
+            self._environment = res.result if res.ok and res.result else {"error": res.error}
+        return dict(self._environment)
+
+    def _job(self, config: KernelConfig, shapes: Sequence[ShapeSpec], op: str) -> dict[str, Any]:
+        return {
+            "op": op,
+            "config": config.to_dict(),
+            "shapes": [s.to_dict() for s in shapes],
+            "protocol": dataclasses.asdict(self._protocol),
+        }
+
+    def measure(self, config: KernelConfig, shape: ShapeSpec) -> Measurement:
+        return self.measure_many(config, [shape])[0]
+
+    def measure_many(self, config: KernelConfig, shapes: Sequence[ShapeSpec]) -> list[Measurement]:
+        res = self.runner.run(self._job(config, shapes, "measure"))
+        if not res.ok or not res.result:
+            return [Measurement.failed(res.error or "worker returned nothing") for _ in shapes]
+        got = res.result.get("measurements") or []
+        if len(got) != len(shapes):
+            return [Measurement.failed(f"worker returned {len(got)} results for {len(shapes)} shapes") for _ in shapes]
+        return [Measurement.from_dict(m) for m in got]
+
+    def precompile(
+        self,
+        items: Sequence[tuple[KernelConfig, Sequence[ShapeSpec]]],
+        jobs: int,
+        progress: Callable[[KernelConfig, str | None], None] | None = None,
+    ) -> dict[str, str]:
+        """Compile ``items`` in ``jobs`` parallel workers so the timed worker finds every binary in
+        Triton's on-disk cache (a compile costs ~1-2 s of CPU; the timing ~0.1 s of GPU).
+
+        Returns ``{config hash: error}`` for those that failed to compile (they fail again, and
+        are recorded, when measured)."""
+        errors: dict[str, str] = {}
+        if not items or jobs < 1:
+            return errors
+        runners = [IsolatedRunner(self.target, timeout_s=self.timeout_s, env=self.env) for _ in range(jobs)]
+        free = list(runners)
+
+        def work(item: tuple[KernelConfig, Sequence[ShapeSpec]]) -> tuple[KernelConfig, str | None]:
+            runner = free.pop()
+            try:
+                res = runner.run(self._job(item[0], item[1], "compile"))
+                return item[0], None if res.ok else res.error
+            finally:
+                free.append(runner)
+
+        try:
+            with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+                for config, error in pool.map(work, items):
+                    if error:
+                        errors[config.hash] = error
+                    if progress is not None:
+                        progress(config, error)
+        finally:
+            for r in runners:
+                r.close()
+        return errors
+
+    def close(self) -> None:
+        self.runner.close()

@@ -1,0 +1,213 @@
+"""qflash-tune against a replayed table: the search, its rules, the DB entry and the CLI errors.
+
+The table here is SYNTHETIC (tests/test_tune_synthetic.py): these tests check mechanics (the
+pick is the table's optimum, duplicates cost nothing, provenance is written), not search quality.
+"""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+import torch
+import yaml
+from test_tune_synthetic import SYNTHETIC_GPU, synthetic_table  # noqa: F401 - fixture
+
+from qflash_gen.config import KernelConfig
+from qflash_gen.tune import cli
+from qflash_gen.tune.simulate import SimulatedMeasurer
+from qflash_gen.tune.space import Grid, SearchSpace
+from qflash_gen.tune.study import run_study
+from qflash_gen.tune.table import read_table
+
+
+def _run(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def dirs(tmp_path):
+    return {"storage": tmp_path / "studies.journal", "db": tmp_path / "db"}
+
+
+def test_simulated_tuning_finds_the_recorded_best_and_writes_provenance(synthetic_table, dirs, capsys):  # noqa: F811
+    table = read_table(synthetic_table)
+    code, out, err = _run(
+        capsys,
+        "--simulate", synthetic_table, "--workloads", "vit_b,swin_t_s1", "--batches", "8",
+        "--trials", "60", "--storage", dirs["storage"], "--db", dirs["db"], "--seed", "0",
+    )  # fmt: skip
+    assert code == 0, err
+    doc = yaml.safe_load((dirs["db"] / f"{SYNTHETIC_GPU}.yaml").read_text())
+    entries = {e["protocol"]["workload"]: e for e in doc["entries"]}
+    assert set(entries) == {"vit_b", "swin_t_s1"}
+    for shape in table.shapes(SYNTHETIC_GPU):
+        optimum = table.best(SYNTHETIC_GPU, shape, 30.0).measurement.latency_us
+        e = entries[shape.workload]
+        assert e["latency_us"] <= 1.03 * optimum
+        assert e["sqnr_db"] >= 30.0
+        config = KernelConfig.from_dict(e["config"])
+        assert table.lookup(SYNTHETIC_GPU, shape, config).latency_us == pytest.approx(e["latency_us"], abs=1e-3)
+        # provenance: where the number comes from and how the search ran
+        p = e["protocol"]
+        assert p["source"] == "simulated" and p["table_sha256"] == table.sha256
+        assert p["timing"] == "do_bench" and p["l2_flush"] is True and "oracle" in p["correctness"]
+        assert p["tuner"]["sampler"] == "tpe" and p["tuner"]["sqnr_floor"] == 30.0 and p["tuner"]["seed"] == 0
+        assert e["trials"] == p["tuner"]["measured"] and 1 <= e["trials"] <= 60
+        assert e["measured_on_device"] == table.environment["device"]
+        assert e["date"]
+    assert "vit_b" in out and "added 2" in out
+
+
+def test_duplicates_are_never_remeasured_and_rerun_resumes(synthetic_table, tmp_path):  # noqa: F811
+    measurer = SimulatedMeasurer(synthetic_table)
+    shape = measurer.shapes()[1]  # swin_t_s1 b8: 72 configs
+    space = SearchSpace(Grid.from_configs(measurer.configs()), shape.n, shape.d)
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(tmp_path / "j.log")))
+    first = run_study(shape, measurer, space, storage=storage, name="dup", budget=40, seed=1)
+    assert measurer.calls == first.n_measured == 40
+    assert len({r.config.hash for r in first.history}) == 40
+    again = run_study(shape, measurer, space, storage=storage, name="dup", budget=40, seed=1)
+    assert measurer.calls == 40 and again.new_measurements == 0  # nothing re-measured
+    assert again.best.config == first.best.config
+    more = run_study(shape, measurer, space, storage=storage, name="dup", budget=space.size, seed=1)
+    assert measurer.calls == space.size == more.n_measured  # exhaustive: every config exactly once
+    best = read_table(synthetic_table).best(SYNTHETIC_GPU, shape, 30.0)
+    assert more.best.latency_us <= best.measurement.latency_us * 1.02  # the tie rule stays within noise
+
+
+def test_db_best_is_enqueued_first(synthetic_table, dirs, capsys):  # noqa: F811
+    from qflash_gen import db, runtime
+    from qflash_gen.tune import _dbio
+
+    table = read_table(synthetic_table)
+    shape = next(s for s in table.shapes(SYNTHETIC_GPU) if s.workload == "vit_b")
+    rows = [r for r in table.rows_for(SYNTHETIC_GPU, shape) if r.measurement.feasible(30.0)]
+    incumbent = sorted(rows, key=lambda r: r.measurement.latency_us)[len(rows) // 2]  # a middling config
+    m = incumbent.measurement
+    entry = db.Entry(
+        key=_dbio.key_for(shape, "fp16"),
+        config=incumbent.config,
+        latency_us=m.latency_us,
+        latency_spread_us=m.spread_us,
+        sqnr_db=m.sqnr_db,
+        trials=1,
+        protocol={"source": "test incumbent"},
+    )
+    db.write_entries(_dbio.db_file(dirs["db"], SYNTHETIC_GPU), [entry], gpu=SYNTHETIC_GPU)
+    code, _, err = _run(
+        capsys,
+        "--simulate", synthetic_table, "--workloads", "vit_b", "--batches", "8", "--db", dirs["db"],
+        "--trials", "3", "--storage", dirs["storage"],
+    )  # fmt: skip
+    assert code == 0, err
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(dirs["storage"])))
+    (name,) = optuna.get_all_study_names(storage)
+    trials = sorted(optuna.load_study(study_name=name, storage=storage).trials, key=lambda t: t.number)
+    first, second = (KernelConfig.from_dict(t.user_attrs["config"]) for t in trials[:2])
+    assert first == incumbent.config  # the DB's entry, re-measured under this run's protocol
+    assert second == runtime.default_config(shape.n, shape.d)  # then the safe default
+
+
+def test_pareto_objective_stores_the_front(synthetic_table, dirs, capsys):  # noqa: F811
+    code, out, err = _run(
+        capsys,
+        "--simulate", synthetic_table, "--workloads", "swin_t_s1", "--batches", "8", "--trials", "30",
+        "--objective", "pareto", "--storage", dirs["storage"], "--db", dirs["db"],
+    )  # fmt: skip
+    assert code == 0, err
+    fronts = list((dirs["db"] / "fronts" / SYNTHETIC_GPU).glob("*.yaml"))
+    assert len(fronts) == 1
+    front = yaml.safe_load(fronts[0].read_text())["front"]
+    pts = [(p["latency_us"], p["sqnr_db"]) for p in front]
+    assert pts == sorted(pts) and len(pts) >= 1
+    for (l1, s1), (l2, s2) in zip(pts, pts[1:], strict=False):
+        assert l1 < l2 and s1 < s2  # faster points give up accuracy: nothing dominated
+    assert "front swin_t_s1 b8" in out
+
+
+def test_exhaustive_replay_records_and_resumes(synthetic_table, tmp_path, capsys):  # noqa: F811
+    record = tmp_path / "replay.csv"
+    args = ["--simulate", synthetic_table, "--workloads", "swin_t_s1", "--batches", "8", "--exhaustive"]
+    code, _, err = _run(capsys, *args, "--record", record, "--quiet")
+    assert code == 0, err
+    src, got = read_table(synthetic_table), read_table(record)
+    shape = src.shapes(SYNTHETIC_GPU)[1]
+    assert len(got) == len(src.rows_for(SYNTHETIC_GPU, shape))
+    for row in got.rows:
+        assert src.lookup(SYNTHETIC_GPU, row.shape, row.config) == row.measurement
+    code, _, err = _run(capsys, *args, "--record", record, "--quiet")
+    assert code == 0 and "to measure: 0 configs" in err
+    assert len(read_table(record)) == len(got)
+
+
+def test_gpu_not_present_is_a_clear_error(capsys):
+    code, _, err = _run(capsys, "--gpu", "a100", "--workloads", "vit_b", "--trials", "1")
+    assert code == 2
+    if not torch.cuda.is_available():
+        assert "--gpu a100" in err and "no CUDA GPU is present" in err and "--simulate" in err
+    else:
+        from qflash_gen.gpu import current_gpu
+
+        if current_gpu() == "a100":
+            pytest.skip("this machine has an A100")
+        assert f"--gpu a100 does not match the GPU present: {current_gpu()}" in err
+
+
+def test_gpu_not_matching_the_table_is_a_clear_error(synthetic_table, capsys):  # noqa: F811
+    code, _, err = _run(
+        capsys, "--simulate", synthetic_table, "--gpu", "a100", "--workloads", "vit_b", "--batches", "8"
+    )
+    assert code == 2 and "--gpu a100" in err and SYNTHETIC_GPU in err
+
+
+def test_unknown_gpu_name_lists_known(capsys):
+    code, _, err = _run(capsys, "--gpu", "h1000", "--workloads", "vit_b")
+    assert code == 2 and "h1000" in err and "h100" in err and "a100" in err
+
+
+def test_unknown_workload_is_a_clear_error(synthetic_table, capsys):  # noqa: F811
+    code, _, err = _run(capsys, "--simulate", synthetic_table, "--workloads", "vit_b,vit_huge")
+    assert code == 2 and "--workloads" in err and "'vit_huge'" in err and "swin_t" in err and "A1" in err
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--trials", "0"], "--trials"),
+        (["--exhaustive"], "--record"),
+        (["--batches", "8,x"], "--batches"),
+        (["--sqnr-floor", "nan"], "--sqnr-floor"),
+    ],
+)
+def test_bad_arguments_name_the_flag(synthetic_table, capsys, argv, needle):  # noqa: F811
+    code, _, err = _run(capsys, "--simulate", synthetic_table, "--workloads", "vit_b", *argv)
+    assert code == 2 and needle in err
+    assert "Traceback" not in err
+
+
+def test_missing_shape_in_table_is_reported(synthetic_table, dirs, capsys):  # noqa: F811
+    code, _, err = _run(
+        capsys, "--simulate", synthetic_table, "--workloads", "vit_b", "--batches", "64", "--storage", dirs["storage"]
+    )
+    assert code == 2 and "none of the requested shapes" in err and "vit_b b8" in err
+
+
+def test_rdb_storage_url_resumes(synthetic_table, tmp_path, capsys):  # noqa: F811
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    args = ["--simulate", synthetic_table, "--workloads", "swin_t_s1", "--batches", "8", "--no-db", "--storage", url]
+    assert _run(capsys, *args, "--trials", "5")[0] == 0
+    code, out, _ = _run(capsys, *args, "--trials", "8")
+    assert code == 0 and "8/72" in out  # 5 kept from the first run, 3 new
+    (name,) = optuna.get_all_study_names(url)
+    trials = optuna.load_study(study_name=name, storage=url).trials
+    assert sum(1 for t in trials if t.user_attrs.get("measured")) == 8
+
+
+def test_storage_url_that_cannot_open_names_the_flag(synthetic_table, capsys):  # noqa: F811
+    code, _, err = _run(
+        capsys, "--simulate", synthetic_table, "--workloads", "swin_t_s1", "--batches", "8",
+        "--storage", "nosuchdb://user:secret@host/db",
+    )  # fmt: skip
+    assert code == 2 and "--storage" in err and "secret" not in err

@@ -1,0 +1,23 @@
+#!/usr/bin/env python
+"""Record an exhaustive measurement table on this GPU (what ``qflash-tune --simulate`` replays).
+
+    QFLASH_GEN_CACHE=/tmp/qflash-kernels python tools/sweep.py --gpu h100 \\
+        --workloads vit_b,swin_t --batches 8,64 --record h100_sweep.csv
+
+Same as ``qflash-tune --exhaustive --grid sweep ...`` (every flag of qflash-tune applies; see
+``--help``): one row per (shape, config) of the grid, written as soon as measured, resumed when the
+file exists.  ``--dry-run`` prints the plan and a time estimate without measuring.  Needs no
+optuna.  See qflash_gen/tune/sweep.py for the method.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from qflash_gen.tune.sweep import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())
