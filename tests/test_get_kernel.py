@@ -264,7 +264,8 @@ def test_attention_uses_the_db_on_cuda_and_graph_replay_matches(tmp_path, monkey
     shape = (1, 3, 197, 64)
     db.TuningDB.default().write(current_gpu(), [make_entry(workload_key(shape), TUNED.replace(block_n=64))])
     q = torch.randn(shape, device="cuda", dtype=torch.float16)
-    assert runtime._resolve_config(None, 197, 64, q=q) == TUNED.replace(block_n=64)
+    # attention() looks up the fp16-in, fp16-out key
+    assert runtime._resolve_config(None, 197, 64, q=q, out_dtype=torch.float16) == TUNED.replace(block_n=64)
     out = runtime.attention(q, q, q)
     assert torch.equal(out, runtime.attention(q, q, q, backend="reference"))
 

@@ -91,11 +91,11 @@ def main() -> int:
         results["kernel"].append(per_call_us(via_kernel, a.calls))
         results["launch"].append(per_call_us(via_launch, a.calls))
         results["attention"].append(per_call_us(via_attention, a.calls // 10))
-    med = {k: statistics.median(v) for k, v in results.items()}
+    med = {name: statistics.median(vs) for name, vs in results.items()}
     print(f"host µs per call, median of {a.repeats} × {a.calls} calls (min..max):")
-    for k, vs in results.items():
-        extra = f"   (+{med[k] - med['raw']:.2f} µs over raw)" if k != "raw" else ""
-        print(f"  {k:10s} {med[k]:7.2f}  ({min(vs):.2f}..{max(vs):.2f}){extra}")
+    for name, vs in results.items():
+        extra = f"   (+{med[name] - med['raw']:.2f} µs over raw)" if name != "raw" else ""
+        print(f"  {name:10s} {med[name]:7.2f}  ({min(vs):.2f}..{max(vs):.2f}){extra}")
 
     # CUDA graph: capture the whole fp16 call (dynamic scales, DB lookup, launch): any host sync
     # in the path would make the capture fail.
