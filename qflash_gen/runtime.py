@@ -12,7 +12,6 @@ import os
 from types import ModuleType
 
 import torch
-import triton
 
 from qflash_gen import codegen, quant, reference
 from qflash_gen.config import DEFAULT_CONFIG, KernelConfig, check_workload, fits
@@ -138,25 +137,31 @@ def launch_module(
     b, h, n, d = q8.shape
     if out is None:
         out = torch.empty((b, h, n, d), dtype=out_dtype, device=q8.device)
-    if out.numel() == 0:
+    if n == 0 or b * h == 0:
         return out
-    lut = _lut(config.lut_bits, q8.device) if config.exp_variant == "lut" else params.ints
+    # Hot path (kernel.Kernel calls this on every launch): plain ints and tuples only.
+    ints = params.ints
     if bias is None:
-        bias_arg, bias_strides = params.ints, (0, 0, 0, 0)
+        bias_arg, bias_strides = ints, _NO_STRIDES
     else:
         bias_arg = bias.expand(b, h, n, n)
         bias_strides = bias_arg.stride()
-    grid = (triton.cdiv(n, config.block_m), b * h)
-    module._qflash_fwd[grid](
+    lut = _lut(config.lut_bits, q8.device) if config.exp_variant == "lut" else ints
+    bm = config.block_m
+    module._qflash_fwd[((n + bm - 1) // bm, b * h)](
         q8, k8, v8, out,
-        bias_arg, params.ints, params.floats, lut,
+        bias_arg, ints, params.floats, lut,
         *q8.stride(), *k8.stride(), *v8.stride(), *out.stride(), *bias_strides,
         h,
-        N_CTX=n, HEAD_DIM=d, HAS_BIAS=bias is not None, OUT_FLOAT=out_dtype != torch.int8,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        N_CTX=n, HEAD_DIM=d, HAS_BIAS=bias is not None, OUT_FLOAT=out_dtype is not _INT8,
+        BLOCK_M=bm, BLOCK_N=config.block_n,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return out
+
+
+_NO_STRIDES = (0, 0, 0, 0)
+_INT8 = torch.int8
 
 
 def _run(config, q8, k8, v8, params, bias, out_dtype, backend):
