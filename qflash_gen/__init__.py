@@ -13,8 +13,8 @@ __version__ = "0.1.0"
 
 from qflash_gen.codegen import render  # noqa: E402
 from qflash_gen.config import DEFAULT_CONFIG, KernelConfig, check_workload  # noqa: E402
-from qflash_gen.runtime import attention, attention_int8  # noqa: E402
 from qflash_gen.kernel import Kernel, get_kernel  # noqa: E402
+from qflash_gen.runtime import attention, attention_int8  # noqa: E402
 
 __all__ = [
     "DEFAULT_CONFIG",

@@ -134,7 +134,9 @@ def markdown(rows: list[dict], gpu: str, header: str) -> str:
     keys = sorted({(r["workload"], r["batch"]) for r in rows}, key=lambda x: (x[0], x[1]))
     for wl, bt in keys:
         rs = [r for r in rows if r["workload"] == wl and r["batch"] == bt]
-        get = lambda mode, impl: next((r for r in rs if r["mode"] == mode and r["impl"] == impl), None)  # noqa: E731
+        def get(mode, impl, rs=rs):
+            return next((r for r in rs if r["mode"] == mode and r["impl"] == impl), None)
+
         qk, qg, qf = get("kernel", "qflash_gen"), get("graph", "qflash_gen"), get("fp16", "qflash_gen")
         sd = [r for r in rs if r["mode"] == "fp16" and r["impl"] != "qflash_gen"]
         sg = [r for r in rs if r["mode"] == "graph" and r["impl"] != "qflash_gen"]
