@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from qflash_gen import quant, reference, runtime  # noqa: E402
 from qflash_gen.config import KernelConfig  # noqa: E402
+from qflash_gen.kernel import get_kernel  # noqa: E402
 
 # The paper's kernel workloads (per image): (heads, N, D, windows per image).
 PAPER_WORKLOADS = {
@@ -88,7 +89,11 @@ def bench_one(name: str, batch: int, config: KernelConfig | None, rows: list[dic
     g = torch.Generator(device="cuda").manual_seed(1234 + batch)
     q, k, v = ((torch.rand(shape, device="cuda", generator=g) * 8 - 4).half() for _ in range(3))
     ref = reference.float_attention(q, k, v)
-    cfg = config or runtime.default_config(n, d)
+    if config is None:
+        kern = get_kernel(shape, dtype=torch.float16)  # the DB's pick for this fp16 workload
+        cfg, why = kern.config, kern.why
+    else:
+        cfg, why = config, "explicit"
     sq, sk, sv = (quant.dynamic_scale(t) for t in (q, k, v))
     q8, k8, v8 = (quant.quantize(t, s) for t, s in ((q, sq), (k, sk), (v, sv)))
     params = quant.make_params(sq, sk, sv, head_dim=d)
@@ -105,16 +110,43 @@ def bench_one(name: str, batch: int, config: KernelConfig | None, rows: list[dic
     want = reference.reference_int8(q8, k8, v8, params, cfg, out_dtype=torch.float16)
     equal = bool(torch.equal(out16.view(torch.int16), want.view(torch.int16)))
     sq_db = reference.sqnr_db(out16, ref)
-    base = dict(gpu=gpu, workload=name, batch=batch, B=b, H=h, N=n, D=d, config=cfg.short())
+    base = dict(gpu=gpu, workload=name, batch=batch, B=b, H=h, N=n, D=d, config=cfg.short(), lookup=why)
     for mode, fn, graph in (("kernel", kern16, False), ("graph", kern16, True)):
-        rows.append({**base, "mode": mode, "impl": "qflash_gen", "us": _median_us(fn, graph), "sqnr_db": sq_db, "oracle_equal": equal})
-    rows.append({**base, "mode": "kernel_int8out", "impl": "qflash_gen", "us": _median_us(kern, False), "sqnr_db": math.nan, "oracle_equal": equal})
+        rows.append(
+            {
+                **base,
+                "mode": mode,
+                "impl": "qflash_gen",
+                "us": _median_us(fn, graph),
+                "sqnr_db": sq_db,
+                "oracle_equal": equal,
+            }
+        )
+    rows.append(
+        {
+            **base,
+            "mode": "kernel_int8out",
+            "impl": "qflash_gen",
+            "us": _median_us(kern, False),
+            "sqnr_db": math.nan,
+            "oracle_equal": equal,
+        }
+    )
 
     def full():
         return runtime.attention(q, k, v, config=cfg)
 
     out_full = full()
-    rows.append({**base, "mode": "fp16", "impl": "qflash_gen", "us": _median_us(full, False), "sqnr_db": reference.sqnr_db(out_full, ref), "oracle_equal": equal})
+    rows.append(
+        {
+            **base,
+            "mode": "fp16",
+            "impl": "qflash_gen",
+            "us": _median_us(full, False),
+            "sqnr_db": reference.sqnr_db(out_full, ref),
+            "oracle_equal": equal,
+        }
+    )
     for impl in SDPA_BACKENDS:
         fn = _sdpa(impl)
         try:
@@ -130,10 +162,16 @@ def bench_one(name: str, batch: int, config: KernelConfig | None, rows: list[dic
 
 
 def markdown(rows: list[dict], gpu: str, header: str) -> str:
-    out = [header, "", "| workload | batch | qflash kernel µs | qflash graph µs | qflash fp16→fp16 µs | best SDPA fp16 µs (backend) | best SDPA graph µs | kernel ratio | graph ratio | fp16 ratio | SQNR dB | == oracle |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        header,
+        "",
+        "| workload | batch | qflash kernel µs | qflash graph µs | qflash fp16→fp16 µs | best SDPA fp16 µs (backend) | best SDPA graph µs | kernel ratio | graph ratio | fp16 ratio | SQNR dB | == oracle | config (lookup) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     keys = sorted({(r["workload"], r["batch"]) for r in rows}, key=lambda x: (x[0], x[1]))
     for wl, bt in keys:
         rs = [r for r in rows if r["workload"] == wl and r["batch"] == bt]
+
         def get(mode, impl, rs=rs):
             return next((r for r in rs if r["mode"] == mode and r["impl"] == impl), None)
 
@@ -146,10 +184,12 @@ def markdown(rows: list[dict], gpu: str, header: str) -> str:
         out.append(
             f"| {wl} | {bt} | {qk['us']:.1f} | {qg['us']:.1f} | {qf['us']:.1f} | "
             f"{best['us']:.1f} ({best['impl']}) | {bestg['us']:.1f} | {ratio(qk, best)} | {ratio(qg, bestg)} | "
-            f"{ratio(qf, best)} | {qk['sqnr_db']:.1f} | {qk['oracle_equal']} |"
+            f"{ratio(qf, best)} | {qk['sqnr_db']:.1f} | {qk['oracle_equal']} | {qk['config']} ({qk['lookup']}) |"
         )
     out.append("")
-    out.append("Ratios are best-SDPA time / qflash time (>1: qflash faster). kernel: int8 in, fp16 out, the launch alone.")
+    out.append(
+        "Ratios are best-SDPA time / qflash time (>1: qflash faster). kernel: int8 in, fp16 out, the launch alone."
+    )
     return "\n".join(out)
 
 
@@ -157,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workloads", default="A1,A2,A3,A4,A5,A6,A7")
     p.add_argument("--batches", default="1,8,64")
-    p.add_argument("--config", default=None, help="KernelConfig as k=v,... (default: the runtime's default)")
+    p.add_argument("--config", default=None, help="KernelConfig as k=v,... (default: get_kernel's DB pick per shape)")
     p.add_argument("--out", default="docs/benchmarks")
     p.add_argument("--tag", default="", help="suffix for the output file names")
     args = p.parse_args(argv)
