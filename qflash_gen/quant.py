@@ -42,7 +42,11 @@ class KernelParams:
 
 
 def _as_tensor(x: float | torch.Tensor, device: torch.device) -> torch.Tensor:
-    return torch.as_tensor(x, dtype=torch.float64, device=device).reshape(())
+    # A Python number becomes a fill kernel on the device, never a host-to-device copy: the
+    # call stays capturable in a CUDA graph.
+    if isinstance(x, torch.Tensor):
+        return x.to(device=device, dtype=torch.float64).reshape(())
+    return torch.full((), float(x), dtype=torch.float64, device=device)
 
 
 def make_params(
@@ -88,7 +92,10 @@ def dynamic_scale(x: torch.Tensor) -> torch.Tensor:
 
 def quantize(x: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
     """Symmetric int8: round-half-even(x / scale) clamped to [-127, 127]; NaN -> 0, +-Inf -> +-127."""
-    scale_t = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
+    if isinstance(scale, torch.Tensor):
+        scale_t = scale.to(device=x.device, dtype=torch.float32)
+    else:
+        scale_t = torch.full((), float(scale), dtype=torch.float32, device=x.device)
     y = torch.nan_to_num(x.to(torch.float32) / scale_t, nan=0.0, posinf=INT8_MAX, neginf=-INT8_MAX)
     return torch.round(y).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
 
@@ -113,7 +120,7 @@ def bias_to_int(
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             base = bias if bias is not None else torch.zeros((), dtype=torch.int32, device=attn_mask.device)
-            bias = torch.where(attn_mask, base, torch.tensor(MASKED_BIAS, dtype=torch.int32, device=base.device))
+            bias = torch.where(attn_mask, base, torch.full((), MASKED_BIAS, dtype=torch.int32, device=base.device))
         else:
             mask_int = _float_bias_to_int(attn_mask, r)
             bias = mask_int if bias is None else _sat_add(bias, mask_int)
