@@ -45,6 +45,13 @@ CPU = "cpu"
 through ``TRITON_INTERPRET=1``)."""
 
 _INT8 = torch.int8
+
+
+@functools.lru_cache(maxsize=1)
+def _multi_gpu() -> bool:
+    """More than one visible CUDA device: only then can a tensor sit on a non-current device
+    (torch.cuda.current_device() costs about a microsecond per call on the hot path)."""
+    return torch.cuda.device_count() > 1
 _OUT_DTYPES = frozenset(runtime.OUT_DTYPES)
 _PARAMS_CACHE_MAX = 16  # distinct float-scale triples remembered per kernel
 
@@ -152,7 +159,7 @@ class Kernel:
         if attn_mask is not None or float_bias is not None:
             bias = self._bias(attn_mask, float_bias, params, shape, device)
         module = self._module if self._module is not None else self.module
-        if device.type == "cuda" and device.index != torch.cuda.current_device():
+        if device.type == "cuda" and _multi_gpu() and device.index != torch.cuda.current_device():
             with torch.cuda.device(device):
                 return runtime.launch_module(module, self.config, q8, k8, v8, params, bias, out, out_dtype)
         return runtime.launch_module(module, self.config, q8, k8, v8, params, bias, out, out_dtype)
