@@ -71,7 +71,8 @@ def make_params(
         raise ValueError(f"scale={scale!r} must be a positive finite softmax scale")
     s = _as_tensor(c * LOG2E, device) * _as_tensor(sq, device) * _as_tensor(sk, device)
     inv = torch.where(s > 0, 1.0 / s, torch.full_like(s, float(R_MAX)))
-    r = torch.nan_to_num(torch.round(inv), nan=R_MAX, posinf=R_MAX).clamp(1, R_MAX).to(torch.int64)
+    # R = floor(1/S + 1/2) (quant_kernels computes the same in-kernel, op for op)
+    r = torch.nan_to_num(torch.floor(inv + 0.5), nan=R_MAX, posinf=R_MAX).clamp(1, R_MAX).to(torch.int64)
     mq = (1 << 26) // r
     hf = (1 << 30) // r
     ints = torch.stack([r, mq, hf, torch.zeros_like(r)]).to(torch.int32)

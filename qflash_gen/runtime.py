@@ -13,7 +13,7 @@ from types import ModuleType
 
 import torch
 
-from qflash_gen import codegen, quant, reference
+from qflash_gen import codegen, quant, quant_kernels, reference
 from qflash_gen.config import DEFAULT_CONFIG, KernelConfig, check_workload, fits
 
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
@@ -247,19 +247,26 @@ def attention(
         raise ValueError(f"scale must be a float or None, got {type(scale).__name__}")
     _check_mask(attn_mask, "attn_mask", q.shape, q.device)
     _check_mask(float_bias, "float_bias", q.shape, q.device)
+    if float_bias is not None and float_bias.dtype == torch.bool:
+        raise ValueError("float_bias must be floating; pass a bool mask as attn_mask")
     if q.numel() == 0:
         return torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if check_finite:
         for name, t in (("q", q), ("k", k), ("v", v)):
             if not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{name} contains NaN or Inf")
+    n, d = q.shape[2], q.shape[3]
+    masked = attn_mask is not None or float_bias is not None
+    if backend == "triton" and quant_kernels.supported(q, k, v) and (q.is_cuda or interpreter_active()):
+        # Fused: two launches quantize q, k, v and write the kernel constants (same bits as below).
+        cfg = _resolve_config(config, n, d, q=q, masked=masked, out_dtype=q.dtype)
+        (q8, k8, v8), _, params = quant_kernels.quantize_qkv(q, k, v, d, scale)
+        bias = quant.bias_to_int(attn_mask, params, float_bias=float_bias)
+        return _run(cfg, q8, k8, v8, params, bias, q.dtype, backend)
     sq, sk, sv = (quant.dynamic_scale(t) for t in (q, k, v))
     q8, k8, v8 = quant.quantize(q, sq), quant.quantize(k, sk), quant.quantize(v, sv)
     return attention_int8(
         q8, k8, v8, (sq, sk, sv), attn_mask, scale,
         float_bias=float_bias, out_dtype=q.dtype, backend=backend,
-        config=_resolve_config(
-            config, q.shape[2], q.shape[3], q=q,
-            masked=attn_mask is not None or float_bias is not None, out_dtype=q.dtype,
-        ),
+        config=_resolve_config(config, n, d, q=q, masked=masked, out_dtype=q.dtype),
     )  # fmt: skip
