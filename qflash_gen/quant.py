@@ -88,7 +88,11 @@ def dynamic_scale(x: torch.Tensor) -> torch.Tensor:
     way, and no later step divides by the scale)."""
     finite = torch.where(torch.isfinite(x), x, torch.zeros((), dtype=x.dtype, device=x.device))
     amax = finite.abs().amax().to(torch.float32) if x.numel() else torch.zeros((), device=x.device)
-    return torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
+    # Divide by a device tensor, not a Python number: on CUDA, torch turns "tensor / scalar" into a
+    # multiply by the scalar's reciprocal (seen on an H100: scales one ulp off IEEE division, which
+    # the fused kernels and the CPU compute).
+    div = torch.full((), float(INT8_MAX), dtype=torch.float32, device=amax.device)
+    return torch.where(amax > 0, amax / div, torch.ones_like(amax))
 
 
 def quantize(x: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
