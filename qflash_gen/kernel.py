@@ -52,6 +52,8 @@ def _multi_gpu() -> bool:
     """More than one visible CUDA device: only then can a tensor sit on a non-current device
     (torch.cuda.current_device() costs about a microsecond per call on the hot path)."""
     return torch.cuda.device_count() > 1
+
+
 _OUT_DTYPES = frozenset(runtime.OUT_DTYPES)
 _PARAMS_CACHE_MAX = 16  # distinct float-scale triples remembered per kernel
 
@@ -159,9 +161,12 @@ class Kernel:
         if attn_mask is not None or float_bias is not None:
             bias = self._bias(attn_mask, float_bias, params, shape, device)
         module = self._module if self._module is not None else self.module
-        if device.type == "cuda" and _multi_gpu() and device.index != torch.cuda.current_device():
-            with torch.cuda.device(device):
-                return runtime.launch_module(module, self.config, q8, k8, v8, params, bias, out, out_dtype)
+        if device.type == "cuda":
+            if _multi_gpu() and device.index != torch.cuda.current_device():
+                with torch.cuda.device(device):
+                    return runtime.launch_module(module, self.config, q8, k8, v8, params, bias, out, out_dtype)
+            if bias is None:
+                return runtime.launch_fast(module, self.config, q8, k8, v8, params, out, out_dtype)
         return runtime.launch_module(module, self.config, q8, k8, v8, params, bias, out, out_dtype)
 
     def _params_for(self, scales: tuple, scale: float | None, device: torch.device) -> quant.KernelParams:

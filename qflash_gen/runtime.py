@@ -12,6 +12,9 @@ import os
 from types import ModuleType
 
 import torch
+import triton
+from triton import knobs as _knobs
+from triton.runtime import driver as _driver
 
 from qflash_gen import codegen, quant, quant_kernels, reference
 from qflash_gen.config import DEFAULT_CONFIG, KernelConfig, check_workload, fits
@@ -162,6 +165,73 @@ def launch_module(
 
 _NO_STRIDES = (0, 0, 0, 0)
 _INT8 = torch.int8
+
+
+# -- direct launch of the compiled kernel (CUDA hot path of kernel.Kernel) ---------------------------
+# Triton's `fn[grid](...)` re-derives, on every call, the specialization of all 29 arguments (pointer
+# alignment, ints equal to 1 or divisible by 16) to find the compiled kernel.  For contiguous int8
+# inputs of one Kernel (fixed N and D) every stride follows from H, so the specialization is fixed by
+# (H, out dtype, the five pointers' 16-byte alignment): the compiled kernel is cached under that key
+# and launched through its own launcher, as Triton does after its lookup.  Anything else (bias,
+# strided tensors, the interpreter, another Triton release) takes the normal launch.
+_FAST_TRITON = triton.__version__.startswith("3.6.")
+
+
+def launch_fast(module, config, q8, k8, v8, params, out, out_dtype) -> torch.Tensor:
+    """``launch_module`` without bias for CUDA tensors; falls back to it where the key can't cover."""
+    b, h, n, d = q8.shape
+    if out is None:
+        out = torch.empty((b, h, n, d), dtype=out_dtype, device=q8.device)
+    if not (_FAST_TRITON and q8.is_contiguous() and k8.is_contiguous() and v8.is_contiguous() and out.is_contiguous()):
+        return launch_module(module, config, q8, k8, v8, params, None, out, out_dtype)
+    if n == 0 or b * h == 0:
+        return out
+    ints = params.ints
+    ptrs = (q8.data_ptr(), k8.data_ptr(), v8.data_ptr(), out.data_ptr(), ints.data_ptr(), params.floats.data_ptr())
+    key = (n, d, h, out_dtype, tuple(p & 15 == 0 for p in ptrs))
+    cache = module.__dict__.setdefault("_qflash_fast", {})
+    entry = cache.get(key)
+    if entry is None:
+        launch_module(module, config, q8, k8, v8, params, None, out, out_dtype)  # compiles if needed
+        cache[key] = _compiled_for(module, config, q8, k8, v8, params, out, out_dtype)
+        return out
+    compiled, consts = entry
+    lut = _lut(config.lut_bits, q8.device) if config.exp_variant == "lut" else ints
+    s_b = h * n * d
+    s_h = n * d
+    args = (
+        q8, k8, v8, out, ints, ints, params.floats, lut,
+        s_b, s_h, d, 1, s_b, s_h, d, 1, s_b, s_h, d, 1, s_b, s_h, d, 1, 0, 0, 0, 0, h, *consts,
+    )  # fmt: skip
+    bm = config.block_m
+    grid = ((n + bm - 1) // bm, b * h, 1)
+    stream = _driver.active.get_current_stream(q8.device.index)
+    meta = compiled.launch_metadata(grid, stream, *args)
+    compiled.run(
+        grid[0], grid[1], 1, stream, compiled.function, compiled.packed_metadata, meta,
+        _knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook, *args,
+    )  # fmt: skip
+    return out
+
+
+def _compiled_for(module, config, q8, k8, v8, params, out, out_dtype):
+    """The CompiledKernel Triton picked for these arguments (warmup: looks up, launches nothing)."""
+    b, h, n, d = q8.shape
+    consts = (n, d, False, out_dtype is not _INT8, config.block_m, config.block_n)
+    ints = params.ints
+    lut = _lut(config.lut_bits, q8.device) if config.exp_variant == "lut" else ints
+    s_b, s_h = h * n * d, n * d  # the strides launch_fast passes (the same as any contiguous tensor's
+    strides = (s_b, s_h, d, 1) * 4  # except on size-1 dims, where no index ever multiplies them)
+    compiled = module._qflash_fwd.warmup(
+        q8, k8, v8, out, ints, ints, params.floats, lut, *strides, 0, 0, 0, 0, h,
+        N_CTX=n, HEAD_DIM=d, HAS_BIAS=False, OUT_FLOAT=out_dtype is not _INT8,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        num_warps=config.num_warps, num_stages=config.num_stages, grid=(1,),
+    )  # fmt: skip
+    if hasattr(compiled, "result"):
+        compiled = compiled.result()
+    compiled._init_handles()
+    return compiled, consts
 
 
 def _run(config, q8, k8, v8, params, bias, out_dtype, backend):

@@ -282,3 +282,27 @@ def test_attention_uses_the_db_on_cuda_and_graph_replay_matches(tmp_path, monkey
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(static_out, expect)
+
+
+@pytest.mark.cuda_only
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_direct_launch_equals_the_normal_launch():
+    """Kernel's CUDA hot path (runtime.launch_fast: cached CompiledKernel) == runtime.launch_module."""
+    for shape, out_dtype in [
+        ((2, 3, 197, 64), torch.float16),
+        ((1, 1, 49, 32), torch.int8),
+        ((4, 16, 64, 64), torch.bfloat16),
+    ]:
+        kern = kernel.get_kernel(shape, dtype=torch.int8, out_dtype=out_dtype)
+        for seed in range(3):  # the first call compiles and caches, the next ones take the direct path
+            g = torch.Generator(device="cuda").manual_seed(seed)
+            q8, k8, v8 = (
+                torch.randint(-128, 128, shape, generator=g, device="cuda", dtype=torch.int8) for _ in range(3)
+            )
+            scales = (0.02 + 0.01 * seed, 0.03, 0.05)
+            got = kern(q8, k8, v8, scales, out_dtype=out_dtype)
+            params = kern._params_for(scales, None, q8.device)
+            want = runtime.launch_module(kern.module, kern.config, q8, k8, v8, params, None, None, out_dtype)
+            assert torch.equal(got.view(torch.int8), want.view(torch.int8)), (shape, seed)
+            ref = reference.reference_int8(q8, k8, v8, params, kern.config, out_dtype=out_dtype)
+            assert torch.equal(got.view(torch.int8), ref.view(torch.int8)), (shape, seed)
