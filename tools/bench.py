@@ -8,6 +8,14 @@ Per workload x batch it records (one CSV row per measurement):
   mode=fp16    fp16 in -> fp16 out: qflash_gen.attention (dynamic quantization included) and SDPA
 Each qflash row is checked against the integer oracle on the GPU first (oracle_equal) and carries
 its SQNR vs fp64.  do_bench flushes L2 between repeats.  Writes <out>/<gpu>.csv and <gpu>.md.
+
+With --energy (needs nvidia-ml-py and a GPU with NVML's energy counter) it also records
+  mode=energy  µJ per call of the qflash int8-in kernel and of each SDPA fp16 backend, all under
+               CUDA-graph replay, interleaved in each round on the same card (qflash_gen/energy.py):
+               energy_uj (total), above_idle_uj, idle_w, their min/max over --energy-repeats
+               rounds; `us` is the GPU time per call in the energy loop
+and a markdown section comparing them (goal: >= 18.8 % less energy than the best SDPA backend).
+    python tools/bench.py --workloads A1,A2,A3,A4,A5,A6,A7 --batches 64 --energy --tag -energy
 """
 
 from __future__ import annotations
@@ -161,6 +169,129 @@ def bench_one(name: str, batch: int, config: KernelConfig | None, rows: list[dic
         rows.append({**base, "mode": "graph", "impl": impl, "us": tg, "sqnr_db": s_db, "oracle_equal": ""})
 
 
+def bench_energy(
+    name: str,
+    batch: int,
+    config: KernelConfig | None,
+    rows: list[dict],
+    gpu: str,
+    *,
+    counter,
+    min_seconds: float = 1.0,
+    repeats: int = 3,
+) -> None:
+    """µJ per call of qflash-gen (int8 in, fp16 out) and each SDPA fp16 backend, CUDA-graph replay,
+    interleaved in each round with one shared idle span (see qflash_gen/energy.py for the method)."""
+    from qflash_gen import energy
+
+    shape = shape_of(name, batch)
+    b, h, n, d = shape
+    g = torch.Generator(device="cuda").manual_seed(1234 + batch)  # the inputs of bench_one
+    q, k, v = ((torch.rand(shape, device="cuda", generator=g) * 8 - 4).half() for _ in range(3))
+    ref = reference.float_attention(q, k, v)
+    if config is None:
+        kern = get_kernel(shape, dtype=torch.float16)
+        cfg, why = kern.config, kern.why
+    else:
+        cfg, why = config, "explicit"
+    sq, sk, sv = (quant.dynamic_scale(t) for t in (q, k, v))
+    q8, k8, v8 = (quant.quantize(t, s) for t, s in ((q, sq), (k, sk), (v, sv)))
+    params = quant.make_params(sq, sk, sv, head_dim=d)
+    out16 = torch.empty(shape, dtype=torch.float16, device="cuda")
+
+    def kern16():
+        runtime.launch(cfg, q8, k8, v8, params, out=out16, out_dtype=torch.float16)
+
+    kern16()
+    want = reference.reference_int8(q8, k8, v8, params, cfg, out_dtype=torch.float16)
+    equal = bool(torch.equal(out16.view(torch.int16), want.view(torch.int16)))
+    sqnr = {"qflash_gen": reference.sqnr_db(out16, ref)}
+    works = {"qflash_gen": energy.GraphWork(kern16)}
+    for impl in SDPA_BACKENDS:
+        fn = _sdpa(impl)
+        try:
+            sqnr[impl] = reference.sqnr_db(fn(q, k, v), ref)
+            works[impl] = energy.GraphWork(lambda fn=fn: fn(q, k, v))
+        except RuntimeError as e:  # backend unavailable for this shape/dtype, or not capturable
+            print(f"  energy {impl}: unavailable ({str(e).splitlines()[0][:80]})", file=sys.stderr)
+    results = energy.EnergyMeter(counter, min_seconds=min_seconds, repeats=repeats).measure_many(works)
+    base = dict(gpu=gpu, workload=name, batch=batch, B=b, H=h, N=n, D=d, config=cfg.short(), lookup=why)
+    for impl, r in results.items():
+        rows.append(
+            {
+                **base,
+                "mode": "energy",
+                "impl": impl,
+                "us": r.us_per_call,
+                "sqnr_db": sqnr[impl],
+                "oracle_equal": equal if impl == "qflash_gen" else "",
+                "energy_uj": r.uj_per_call,
+                "energy_min_uj": r.uj_min,
+                "energy_max_uj": r.uj_max,
+                "above_idle_uj": r.above_idle_uj,
+                "above_idle_min_uj": r.above_idle_min_uj,
+                "above_idle_max_uj": r.above_idle_max_uj,
+                "idle_w": r.idle_w,
+                "busy_w": r.busy_w,
+                "repeats": r.repeats,
+                "calls": r.calls,
+                "loop_s": r.busy_s,
+                "counter_step_ms": None if r.tick_s is None else r.tick_s * 1e3,
+            }
+        )
+
+
+ENERGY_GOAL = 0.188  # the paper's claim: 18.8 % less energy than FP16 FlashAttention
+
+
+def energy_markdown(rows: list[dict], counter: str, min_seconds: float, repeats: int) -> str:
+    """The energy section: qflash vs each SDPA backend, µJ per call, median (min-max) of the rounds."""
+    from qflash_gen import energy
+
+    rows = [r for r in rows if r["mode"] == "energy"]
+    if not rows:
+        return ""
+    step = [r["counter_step_ms"] for r in rows if r.get("counter_step_ms") is not None]
+    out = [
+        "## Energy per call (µJ)",
+        "",
+        f"Counter: {counter}; counter step ≈ {step[0]:.1f} ms." if step else f"Counter: {counter}.",
+        f"Method: {energy.method(min_seconds, repeats)}.",
+        "Cells: median of the rounds (min–max). Saving = 1 − qflash / best SDPA backend (by total µJ); "
+        f"goal ≥ {ENERGY_GOAL:.1%} (the paper's claim). µs: GPU time per call in the energy loop.",
+        "",
+        "| workload | batch | qflash µJ | qflash above idle µJ | best SDPA µJ (backend) | its above idle µJ | "
+        + " | ".join(f"{b} µJ" for b in SDPA_BACKENDS)
+        + " | saving total | saving above idle | goal met | idle W | qflash W | qflash µs | best SDPA µs |",
+        "|---|---|---|---|---|---|" + "---|" * len(SDPA_BACKENDS) + "---|---|---|---|---|---|---|",
+    ]
+
+    def cell(r: dict | None) -> str:
+        if r is None:
+            return "n/a"
+        return f"{r['energy_uj']:.1f} ({r['energy_min_uj']:.1f}–{r['energy_max_uj']:.1f})"
+
+    def above(r: dict) -> str:
+        return f"{r['above_idle_uj']:.1f} ({r['above_idle_min_uj']:.1f}–{r['above_idle_max_uj']:.1f})"
+
+    for wl, bt in sorted({(r["workload"], r["batch"]) for r in rows}):
+        rs = {r["impl"]: r for r in rows if r["workload"] == wl and r["batch"] == bt}
+        qf = rs.get("qflash_gen")
+        sd = [rs[b] for b in SDPA_BACKENDS if b in rs]
+        best = min(sd, key=lambda r: r["energy_uj"]) if sd else None
+        if qf is None or best is None:
+            continue
+        save = 1 - qf["energy_uj"] / best["energy_uj"]
+        save_above = 1 - qf["above_idle_uj"] / best["above_idle_uj"] if best["above_idle_uj"] > 0 else math.nan
+        out.append(
+            f"| {wl} | {bt} | {cell(qf)} | {above(qf)} | {cell(best)} ({best['impl']}) | {above(best)} | "
+            + " | ".join(cell(rs.get(b)) for b in SDPA_BACKENDS)
+            + f" | {save:.1%} | {save_above:.1%} | {'yes' if save >= ENERGY_GOAL else 'no'} | {qf['idle_w']:.1f} | "
+            f"{qf['busy_w']:.1f} | {qf['us']:.1f} | {best['us']:.1f} |"
+        )
+    return "\n".join(out)
+
+
 def markdown(rows: list[dict], gpu: str, header: str) -> str:
     out = [
         header,
@@ -200,10 +331,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=None, help="KernelConfig as k=v,... (default: get_kernel's DB pick per shape)")
     p.add_argument("--out", default="docs/benchmarks")
     p.add_argument("--tag", default="", help="suffix for the output file names")
+    p.add_argument("--energy", action="store_true", help="also µJ per call (NVML energy counter, graph replay)")
+    p.add_argument("--energy-seconds", type=float, default=1.0, help="least GPU time of each energy loop (s)")
+    p.add_argument("--energy-repeats", type=int, default=3, help="energy rounds (idle + every impl) per workload")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench.py needs a CUDA GPU", file=sys.stderr)
         return 2
+    counter = None
+    if args.energy:
+        from qflash_gen import energy
+
+        try:
+            counter = energy.open_counter()
+        except energy.EnergyUnavailable as exc:
+            print(f"bench.py --energy: {exc}", file=sys.stderr)
+            return 2
     cfg = None
     if args.config:
         kv = dict(item.split("=", 1) for item in args.config.split(","))
@@ -216,11 +359,24 @@ def main(argv: list[str] | None = None) -> int:
             bench_one(wl, bt, cfg, rows, gpu)
             last = [r for r in rows if r["workload"] == wl and r["batch"] == bt]
             print(" ".join(f"{r['mode']}/{r['impl']}={r['us']:.1f}" for r in last), flush=True)
+            if counter is not None:
+                bench_energy(
+                    wl,
+                    bt,
+                    cfg,
+                    rows,
+                    gpu,
+                    counter=counter,
+                    min_seconds=args.energy_seconds,
+                    repeats=args.energy_repeats,
+                )
+                got = [r for r in rows if r["workload"] == wl and r["batch"] == bt and r["mode"] == "energy"]
+                print(" ".join(f"energy/{r['impl']}={r['energy_uj']:.1f}uJ" for r in got), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{gpu}{args.tag}"
     with open(out / f"{stem}.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         w.writeheader()
         w.writerows(rows)
     dev = torch.cuda.get_device_properties(0)
@@ -229,9 +385,16 @@ def main(argv: list[str] | None = None) -> int:
         f"{datetime.date.today()} · torch {torch.__version__} · triton {triton.__version__} · "
         f"{dev.multi_processor_count} SMs · command: `python tools/bench.py --workloads {args.workloads} --batches {args.batches}"
         + (f" --config {args.config}" if args.config else "")
+        + (
+            f" --energy --energy-seconds {args.energy_seconds:g} --energy-repeats {args.energy_repeats}"
+            if counter
+            else ""
+        )
         + "`"
     )
     md = markdown(rows, gpu, header)
+    if counter is not None:
+        md += "\n\n" + energy_markdown(rows, counter.description, args.energy_seconds, args.energy_repeats)
     (out / f"{stem}.md").write_text(md + "\n")
     print(md)
     return 0

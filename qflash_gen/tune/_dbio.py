@@ -46,6 +46,28 @@ def present_gpu() -> tuple[str | None, str]:
     return name, f"{name} ({torch.cuda.get_device_name()})"
 
 
+def device_models(indices: Sequence[int]) -> list[tuple[int, str, str]]:
+    """``(index, short name, device name)`` of the CUDA devices ``indices`` (``--devices``);
+    ValueError naming ``--devices`` when there is no GPU or an index does not exist."""
+    import torch
+
+    shown = ",".join(map(str, indices))
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"--devices {shown}: no CUDA GPU is present (torch.cuda.is_available() is False); "
+            "without a GPU, replay a recorded table: --simulate FILE --devices 0,1"
+        )
+    count = torch.cuda.device_count()
+    out = []
+    for i in indices:
+        if not 0 <= i < count:
+            raise ValueError(f"--devices {shown}: CUDA device {i} does not exist ({count} visible: 0..{count - 1})")
+        props = torch.cuda.get_device_properties(i)
+        short = gpu.normalize_gpu_name(props.name, (props.major, props.minor), int(props.total_memory))
+        out.append((i, short, props.name))
+    return out
+
+
 def key_for(shape: ShapeSpec, dtype: str) -> keys.WorkloadKey:
     in_dtype, out_dtype, _ = DTYPES[dtype]
     return keys.workload_key(
@@ -126,6 +148,8 @@ class BestResult:
     protocol: Mapping[str, Any]
     environment: Mapping[str, Any]
     space_hash: str
+    measured_on_device: str | None = None  # default: the environment's device name
+    energy_uj: float | None = None  # µJ per call where the measurer recorded energy (Entry.energy_uj)
 
 
 def write_best(target: str | os.PathLike[str] | None, gpu_name: str, results: Sequence[BestResult]) -> db.WriteReport:
@@ -135,7 +159,7 @@ def write_best(target: str | os.PathLike[str] | None, gpu_name: str, results: Se
     path = db_file(target, gpu_name)
     entries = []
     for r in results:
-        device = r.environment.get("device") if r.environment else None
+        device = r.measured_on_device or (r.environment.get("device") if r.environment else None)
         entries.append(
             db.Entry(
                 key=key_for(r.shape, r.dtype),
@@ -146,6 +170,7 @@ def write_best(target: str | os.PathLike[str] | None, gpu_name: str, results: Se
                 trials=int(r.trials),
                 protocol=_plain(r.protocol),
                 measured_on_device=str(device) if device else None,
+                energy_uj=None if r.energy_uj is None else float(r.energy_uj),
                 software=_software(r.environment, r.space_hash),
             )
         )

@@ -6,6 +6,9 @@ Examples::
     qflash-tune --gpu h100 --workloads A1,A2,A3 --batches 64 --trials 40 --db tuning_db
     qflash-tune --simulate tests/data/h100_sweep.csv --workloads vit_b --batches 8   # no GPU: replay a table
     qflash-tune --gpu h100 --workloads vit_b,swin_t --batches 8,64 --exhaustive --record sweep.csv
+    qflash-tune --gpu h100 --workloads vit_b --batches 64 --objective energy --trials 20   # µJ/call (NVML)
+    qflash-tune --simulate tests/data/h100_energy.csv --workloads vit_b --batches 64 \\
+        --objective pareto --pareto-axes latency,energy,sqnr
 
 One Optuna study per (GPU, workload, batch, dtype, search space); see :mod:`.study` for the rules
 (correctness first, SQNR floor, no re-measurement, resume) and :mod:`.measure` for the protocol.
@@ -16,6 +19,7 @@ workload, ``--gpu`` not the GPU present, …), always without a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
@@ -58,7 +62,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--db", help="tuning DB directory or <gpu>.yaml file to merge into (default: the user DB)")
     p.add_argument("--no-db", action="store_true", help="do not write the DB (and do not enqueue its entry)")
     p.add_argument("--sqnr-floor", type=float, default=30.0, help="minimum SQNR in dB vs fp64 (default 30)")
-    p.add_argument("--objective", choices=("latency", "pareto"), default="latency")
+    p.add_argument(
+        "--objective",
+        choices=("latency", "energy", "pareto"),
+        default="latency",
+        help="latency (µs), energy (µJ per call, NVML counter; needs nvidia-ml-py, or a table with energy_uj), "
+        "pareto (NSGA-II front over --pareto-axes)",
+    )
+    p.add_argument(
+        "--pareto-axes",
+        default=None,
+        help="with --objective pareto: latency,sqnr (default) or latency,energy,sqnr",
+    )
+    p.add_argument(
+        "--energy-seconds", type=float, default=1.0, help="energy: least GPU time of each measuring loop (default 1 s)"
+    )
+    p.add_argument("--energy-repeats", type=int, default=3, help="energy: rounds of idle + loop (default 3)")
     p.add_argument("--sampler", choices=("tpe", "random", "nsga2"), help="default: tpe (latency), nsga2 (pareto)")
     p.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
     p.add_argument("--dtype", choices=("fp16", "bf16", "fp32", "int8"), help="workload dtype (default fp16)")
@@ -79,6 +98,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timing", choices=TIMINGS, default="do_bench", help="latency protocol (default do_bench)")
     p.add_argument("--warmup-ms", type=float, default=10.0)
     p.add_argument("--rep-ms", type=float, default=50.0)
+    p.add_argument(
+        "--devices",
+        metavar="I,J,...",
+        help="one worker process per GPU of this host (CUDA indices), all on the same studies; "
+        "with --simulate: one simulated worker per index",
+    )
+    p.add_argument(
+        "--export",
+        action="store_true",
+        help="write the DB from the studies in --storage and measure nothing (the last step of a tuning farm)",
+    )
+    p.add_argument("--device-label", help=argparse.SUPPRESS)  # set by --devices for each worker it starts
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -111,16 +142,25 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise UsageError("--exhaustive needs --record FILE (the table to write)")
     if args.record and not args.exhaustive:
         raise UsageError("--record FILE is only used with --exhaustive")
+    if not (args.energy_seconds > 0 and math.isfinite(args.energy_seconds)) or args.energy_repeats < 1:
+        raise UsageError(
+            f"--energy-seconds {args.energy_seconds} must be > 0 and --energy-repeats {args.energy_repeats} >= 1"
+        )
 
 
 def _simulated(args: argparse.Namespace):
-    from qflash_gen.tune import _dbio
+    from qflash_gen.tune import _dbio, study
     from qflash_gen.tune.simulate import SimulatedMeasurer
 
     try:
         measurer = SimulatedMeasurer(args.simulate, gpu=args.gpu, delay_s=args.simulate_delay)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if study.needs_energy(args.objective) and not measurer.table.has_energy:
+        raise UsageError(
+            f"--objective {args.objective}: the table {args.simulate} has no energy_uj column (recorded without "
+            "energy); replay a table recorded by tools/energy_sweep.py"
+        )
     out = measurer.protocol.get("out_dtype", "fp16")
     dtype = _dbio.dtype_for_kernel_out(out)
     if args.dtype and args.dtype != dtype:
@@ -129,7 +169,7 @@ def _simulated(args: argparse.Namespace):
 
 
 def _live(args: argparse.Namespace):
-    from qflash_gen.tune import _dbio
+    from qflash_gen.tune import _dbio, study
     from qflash_gen.tune.measure import GPUMeasurer, Protocol
 
     if args.gpu is not None:
@@ -146,6 +186,14 @@ def _live(args: argparse.Namespace):
         )
     if args.gpu is not None and args.gpu != present:
         raise UsageError(f"--gpu {args.gpu} does not match the GPU present: {what}")
+    energy = study.needs_energy(args.objective)
+    if energy:
+        from qflash_gen.energy import EnergyUnavailable, probe
+
+        try:
+            probe()
+        except EnergyUnavailable as exc:
+            raise UsageError(f"--objective {args.objective} measures energy, but {exc}") from None
     dtype = args.dtype or "fp16"
     try:
         protocol = Protocol(
@@ -154,6 +202,9 @@ def _live(args: argparse.Namespace):
             rep_ms=args.rep_ms,
             out_dtype=_dbio.kernel_out_dtype(dtype),
             seed=args.seed,
+            energy=energy,
+            energy_min_s=args.energy_seconds,
+            energy_repeats=args.energy_repeats,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
@@ -176,22 +227,275 @@ def _fmt_us(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
 
 
-def _tune(args: argparse.Namespace, measurer: Any, dtype: str, shapes: list, grid: Any) -> int:
-    from rich.console import Console
+def _plans(args: argparse.Namespace, gpu: str, dtype: str, shapes: list, grid: Any, *, enqueue_db: bool) -> list:
+    """``(shape, space, study name, configs to enqueue)`` per study, in the order they run."""
+    from qflash_gen import runtime
+    from qflash_gen.tune import _dbio, study
+    from qflash_gen.tune.space import SMEM_LIMITS, SearchSpace
+
+    smem = SMEM_LIMITS.get(gpu)
+    plans = []
+    for s in shapes:
+        space = SearchSpace(grid, s.n, s.d, smem_limit=smem)
+        name = study.study_name(args.study, gpu, s, dtype, space, args.objective)
+        enqueue: list[KernelConfig] = []
+        if enqueue_db and not args.no_db:
+            try:
+                incumbent = _dbio.db_best(args.db, gpu, _dbio.key_for(s, dtype))
+            except ValueError as exc:
+                raise UsageError(f"--db: {exc}") from None
+            if incumbent is not None:
+                enqueue.append(incumbent)
+        enqueue.append(runtime.default_config(s.n, s.d))
+        plans.append((s, space, name, enqueue))
+    return plans
+
+
+def _open_storage(args: argparse.Namespace):
+    from qflash_gen.tune.storage import open_storage
+
+    try:
+        return open_storage(args.storage)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _measured_on_device(best: Any, environment: dict) -> str | None:
+    """What the DB records as the GPU that measured the winner: the device name, and with
+    ``--devices`` (or a farm) which GPU of which host."""
+    by = dict(best.measured_by or {})
+    name = by.get("device_name") or environment.get("device")
+    if name and by.get("device"):
+        return f"{name} ({by['device']} on {by.get('host')})"
+    return str(name) if name else None
+
+
+def _best_result(args: argparse.Namespace, r: Any, space: Any, dtype: str, record: dict, storage_desc: str):
+    from qflash_gen.tune import _dbio, study
+
+    m = r.best.measurement
+    provenance = dict(record.get("provenance") or {})
+    environment = dict(provenance.get("environment") or {})
+    protocol = {
+        **dict(record.get("protocol") or {}),
+        **{k: v for k, v in provenance.items() if k != "environment"},
+        "workload": r.shape.workload,
+        "batch": r.shape.batch,
+        "shape": list(r.shape.shape),
+        "tuner": {
+            "objective": args.objective,
+            "sampler": args.sampler or ("nsga2" if study.is_pareto(args.objective) else "tpe"),
+            "seed": args.seed,
+            "sqnr_floor": args.sqnr_floor,
+            "study": r.study_name,
+            "storage": storage_desc,
+            "space_size": r.space_size,
+            "measured": r.n_measured,
+            "workers": {str(k): v for k, v in r.by_worker.items()},
+            "measured_by": dict(r.best.measured_by or {}),
+            "tie_rule": ("least energy" if args.objective == "energy" else "fastest")
+            + " feasible; a simpler config within max(1%, mean spread), <= 2%, wins",
+        },
+    }
+    return _dbio.BestResult(
+        shape=r.shape,
+        dtype=dtype,
+        config=r.best.config,
+        latency_us=m.latency_us,
+        spread_us=m.spread_us or 0.0,
+        sqnr_db=m.sqnr_db,
+        trials=max(1, r.n_measured),
+        protocol=protocol,
+        environment=environment,
+        space_hash=space.hash,
+        measured_on_device=_measured_on_device(r.best, environment),
+        energy_uj=m.energy_uj,
+    )
+
+
+def _write_db(
+    args: argparse.Namespace,
+    gpu: str,
+    dtype: str,
+    results: list,
+    records: dict,
+    storage: Any,
+    storage_desc: str,
+    err: Any,
+    *,
+    force: bool = False,
+) -> tuple[Any, list, list[str], list]:
+    """Write the winners this process has the turn for (:func:`study.claim_db_write`).
+
+    Returns ``(report, fronts, notes, results)`` with the results refreshed from storage where
+    this process wrote them (they then hold every worker's trials)."""
     from rich.markup import escape
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from qflash_gen.tune import _dbio, study
+
+    turns, notes, fresh = [], [], []
+    for r, space in results:
+        if r.best is None:
+            fresh.append((r, space))
+            continue
+        turn, why = study.claim_db_write(
+            storage, r.study_name, r.shape, space, objective=args.objective, sqnr_floor=args.sqnr_floor, force=force
+        )
+        if turn is None:
+            notes.append(f"{r.shape.label()}: DB entry not written by this worker: {why}")
+            fresh.append((r, space))
+            continue
+        turns.append((turn, space))
+        # the study as stored now (every worker's trials), with this worker's own counts kept
+        fresh.append((dataclasses.replace(turn.result, worker=r.worker, new_measurements=r.new_measurements), space))
+    report, fronts = None, []
+    if not turns:
+        return report, fronts, notes, fresh
+    best = [
+        _best_result(args, t.result, space, dtype, records[t.result.study_name], storage_desc)
+        for t, space in turns
+        if t.result.best is not None
+    ]
+    try:
+        report = _dbio.write_best(args.db, gpu, best) if best else None
+        if report is not None and report.kept and args.objective == "energy":
+            notes.append(
+                "energy: the DB keeps the faster of two entries for a key, so these least-energy picks did not "
+                "replace faster stored ones; give energy tuning its own --db"
+            )
+        if study.is_pareto(args.objective):
+            for t, _ in turns:
+                front = [
+                    {
+                        "config": x.config.to_dict(),
+                        "latency_us": x.latency_us,
+                        **({"energy_uj": x.energy_uj} if x.energy_uj is not None else {}),
+                        "sqnr_db": x.sqnr_db,
+                        "trial": x.number,
+                    }
+                    for x in t.result.front
+                ]
+                if front:
+                    fronts.append(_dbio.write_front(args.db, gpu, t.result.shape, dtype, front))
+    except ValueError as exc:  # includes db.DBError: a corrupt or foreign DB file (file:line)
+        for t, _ in turns:
+            t.cancel()
+        err.print(
+            f"[red]{escape(f'qflash-tune: DB not written: {exc}')}[/] (the studies keep every trial; rerun to retry)"
+        )
+        return None, [], notes, fresh
+    for t, _ in turns:
+        t.done(db=str(report.path) if report is not None else None, device=args.device_label)
+    return report, fronts, notes, fresh
+
+
+def _summary(args: argparse.Namespace, gpu: str, source: Any, results: list, out: Any) -> None:
     from rich.table import Table
 
     from qflash_gen import runtime
-    from qflash_gen.tune import _dbio, study
-    from qflash_gen.tune.simulate import SimulatedMeasurer
-    from qflash_gen.tune.space import SMEM_LIMITS, SearchSpace
-    from qflash_gen.tune.storage import open_storage
+    from qflash_gen.tune import study
+
+    table = Table(title=f"qflash-tune on {gpu} ({source}), SQNR floor {args.sqnr_floor:g} dB")
+    for col in (
+        "workload",
+        "batch",
+        "B,H,N,D",
+        "measured",
+        "this worker",
+        "failed",
+        "<floor",
+        "best config",
+        "us",
+        "+-",
+        "SQNR dB",
+        "vs default",
+    ):
+        table.add_column(col, justify="left" if col in ("workload", "best config") else "right")
+    for r, _ in results:
+        best = r.best
+        default_hash = runtime.default_config(r.shape.n, r.shape.d).hash
+        default = next((t for t in r.history if t.config.hash == default_hash and t.measurement.ok), None)
+        ratio = "-"
+        if best is not None and default is not None and best.latency_us:
+            ratio = f"{default.latency_us / best.latency_us:.2f}x"
+        table.add_row(
+            r.shape.workload,
+            str(r.shape.batch),
+            ",".join(map(str, r.shape.shape)),
+            f"{r.n_measured}/{r.space_size}",
+            "-" if r.worker is None else f"#{r.worker}: {r.n_mine}",
+            str(r.n_failed),
+            str(r.n_below_floor),
+            best.config.short() if best else "[red]none meets the floor[/]",
+            _fmt_us(best.latency_us if best else None),
+            _fmt_us(best.measurement.spread_us if best else None),
+            "-" if best is None else f"{best.sqnr_db:.1f}",
+            ratio,
+        )
+    out.print(table)
+    if study.needs_energy(args.objective):
+        for r, _ in results:
+            b = r.best
+            if b is not None and b.energy_uj is not None:
+                m = b.measurement
+                default_hash = runtime.default_config(r.shape.n, r.shape.d).hash
+                d = next(
+                    (
+                        t
+                        for t in r.history
+                        if t.config.hash == default_hash and t.energy_uj and t.measurement.feasible(args.sqnr_floor)
+                    ),
+                    None,
+                )
+                vs = f", the default config takes {d.energy_uj / m.energy_uj:.2f}x" if d is not None else ""
+                out.print(
+                    f"energy {r.shape.label()}: {b.config.short()} {m.energy_uj:.1f} uJ/call "
+                    f"(spread {m.energy_spread_uj or 0.0:.1f}, above idle {m.above_idle_uj or 0.0:.1f}, "
+                    f"idle {m.idle_w or 0.0:.1f} W{vs})"
+                )
+    if study.is_pareto(args.objective):
+        for r, _ in results:
+            pts = ", ".join(
+                f"{t.latency_us:.1f}us/"
+                + (f"{t.energy_uj:.1f}uJ/" if t.energy_uj is not None else "")
+                + f"{t.sqnr_db:.1f}dB"
+                for t in r.front
+            )
+            out.print(f"front {r.shape.label()}: {pts or 'empty'}")
+
+
+def _consoles():
+    from rich.console import Console
 
     err = Console(stderr=True, soft_wrap=True)
     out = Console()
     if not out.is_terminal:
         out = Console(width=200)  # piped: one line per row, not wrapped to 80 columns
+    return out, err
+
+
+def _report_db(out: Any, report: Any, fronts: list, notes: list[str]) -> None:
+    from rich.markup import escape
+
+    for note in notes:
+        out.print(escape(note))
+    if report is not None:
+        out.print(
+            f"DB {report.path}: added {len(report.added)}, replaced {len(report.replaced)}, "
+            f"kept better stored {len(report.kept)}"
+        )
+    for path in fronts:
+        out.print(f"front written: {path}")
+
+
+def _tune(args: argparse.Namespace, measurer: Any, dtype: str, shapes: list, grid: Any) -> int:
+    from rich.markup import escape
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from qflash_gen.tune import study
+    from qflash_gen.tune.simulate import SimulatedMeasurer
+
+    out, err = _consoles()
     if isinstance(measurer, SimulatedMeasurer):
         missing = [s for s in shapes if not measurer.has_shape(s)]
         for s in missing:
@@ -204,30 +508,21 @@ def _tune(args: argparse.Namespace, measurer: Any, dtype: str, shapes: list, gri
             raise UsageError(
                 f"--simulate {args.simulate}: none of the requested shapes is in the table; it holds {have}"
             )
-    try:
-        storage, storage_desc = open_storage(args.storage)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    storage, storage_desc = _open_storage(args)
 
     gpu = measurer.gpu
-    smem = SMEM_LIMITS.get(gpu)
-    environment = measurer.provenance.get("environment") or {}
-    plans = []
-    for s in shapes:
-        space = SearchSpace(grid, s.n, s.d, smem_limit=smem)
-        name = study.study_name(args.study, gpu, s, dtype, space, args.objective)
-        enqueue: list[KernelConfig] = []
-        if not args.no_db:
-            try:
-                incumbent = _dbio.db_best(args.db, gpu, _dbio.key_for(s, dtype))
-            except ValueError as exc:
-                raise UsageError(f"--db: {exc}") from None
-            if incumbent is not None:
-                enqueue.append(incumbent)
-        enqueue.append(runtime.default_config(s.n, s.d))
-        plans.append((s, space, name, enqueue))
+    provenance = measurer.provenance
+    environment = provenance.get("environment") or {}
+    # How this worker measures: stored on each study, so `qflash-tune --export` can write the DB
+    # entry on a machine that measured nothing.
+    record = {"gpu": gpu, "dtype": dtype, "protocol": measurer.protocol, "provenance": provenance}
+    worker_info: dict[str, Any] = {"device_name": environment.get("device")}
+    if args.device_label:
+        worker_info["device"] = args.device_label
+    plans = _plans(args, gpu, dtype, shapes, grid, enqueue_db=True)
 
-    err.print(escape(f"qflash-tune: gpu {gpu}, {len(plans)} studies, storage {storage_desc}"))
+    label = f", device {args.device_label}" if args.device_label else ""
+    err.print(escape(f"qflash-tune: gpu {gpu}{label}, {len(plans)} studies, storage {storage_desc}"))
     results = []
     t_start = time.monotonic()
     with Progress(
@@ -249,7 +544,7 @@ def _tune(args: argparse.Namespace, measurer: Any, dtype: str, shapes: list, gri
 
             def progress(r: study.StudyResult, task: Any = task) -> None:
                 best = f"best {r.best.latency_us:.2f} us" if r.best else "no feasible config yet"
-                bar.update(task, completed=r.n_measured, best=f"{best}  ({r.n_failed} failed)")
+                bar.update(task, completed=r.n_mine, best=f"{best}  ({r.n_failed} failed, {r.n_measured} in study)")
 
             r = study.run_study(
                 s,
@@ -264,124 +559,149 @@ def _tune(args: argparse.Namespace, measurer: Any, dtype: str, shapes: list, gri
                 sampler=args.sampler,
                 enqueue=enqueue,
                 on_progress=progress,
+                worker_info=worker_info,
+                study_attrs={"measurer": record},
             )
             progress(r)
             results.append((r, space))
             if not err.is_terminal and not args.quiet:  # a log: one line per finished study
                 best = f"best {r.best.latency_us:.2f} us {r.best.config.short()}" if r.best else "no feasible config"
                 err.print(
-                    escape(f"{s.label()}: {r.n_measured} measured ({r.n_failed} failed), {best}, {r.wall_s:.0f} s")
+                    escape(
+                        f"{s.label()}: worker #{r.worker} measured {r.n_mine} ({r.new_measurements} new), "
+                        f"{r.n_measured} in study ({r.n_failed} failed), {best}, {r.wall_s:.0f} s"
+                    )
                 )
 
-    # -- DB ----------------------------------------------------------------------------------------
-    provenance = measurer.provenance
-    best_results = []
-    for r, space in results:
-        if r.best is None:
-            continue
-        m = r.best.measurement
-        protocol = {
-            **measurer.protocol,
-            **{k: v for k, v in provenance.items() if k != "environment"},
-            "workload": r.shape.workload,
-            "batch": r.shape.batch,
-            "shape": list(r.shape.shape),
-            "tuner": {
-                "objective": args.objective,
-                "sampler": args.sampler or ("nsga2" if args.objective == "pareto" else "tpe"),
-                "seed": args.seed,
-                "sqnr_floor": args.sqnr_floor,
-                "study": r.study_name,
-                "storage": storage_desc,
-                "space_size": r.space_size,
-                "measured": r.n_measured,
-                "tie_rule": "fastest feasible; a simpler config within max(1%, mean spread), <= 2%, wins",
-            },
-        }
-        best_results.append(
-            _dbio.BestResult(
-                shape=r.shape,
-                dtype=dtype,
-                config=r.best.config,
-                latency_us=m.latency_us,
-                spread_us=m.spread_us or 0.0,
-                sqnr_db=m.sqnr_db,
-                trials=max(1, r.n_measured),
-                protocol=protocol,
-                environment=environment,
-                space_hash=space.hash,
-            )
-        )
-    report = None
-    if best_results and not args.no_db:
-        try:
-            report = _dbio.write_best(args.db, gpu, best_results)
-        except ValueError as exc:  # includes db.DBError: a corrupt or foreign DB file (file:line)
-            err.print(
-                f"[red]{escape(f'qflash-tune: DB not written: {exc}')}[/] (the studies keep every trial; rerun to retry)"
-            )
-    fronts = []
-    if args.objective == "pareto" and not args.no_db:
-        for r, _ in results:
-            front = [
-                {"config": t.config.to_dict(), "latency_us": t.latency_us, "sqnr_db": t.sqnr_db, "trial": t.number}
-                for t in r.front
-            ]
-            if front:
-                fronts.append(_dbio.write_front(args.db, gpu, r.shape, dtype, front))
-
-    # -- summary -----------------------------------------------------------------------------------
-    table = Table(title=f"qflash-tune on {gpu} ({provenance.get('source')}), SQNR floor {args.sqnr_floor:g} dB")
-    for col in (
-        "workload",
-        "batch",
-        "B,H,N,D",
-        "measured",
-        "failed",
-        "<floor",
-        "best config",
-        "us",
-        "+-",
-        "SQNR dB",
-        "vs default",
-    ):
-        table.add_column(col, justify="left" if col in ("workload", "best config") else "right")
-    default_hashes = {}
-    for r, _ in results:
-        default_hashes[r.shape] = runtime.default_config(r.shape.n, r.shape.d).hash
-    for r, _ in results:
-        best = r.best
-        default = next((t for t in r.history if t.config.hash == default_hashes[r.shape] and t.measurement.ok), None)
-        ratio = "-"
-        if best is not None and default is not None and best.latency_us:
-            ratio = f"{default.latency_us / best.latency_us:.2f}x"
-        table.add_row(
-            r.shape.workload,
-            str(r.shape.batch),
-            ",".join(map(str, r.shape.shape)),
-            f"{r.n_measured}/{r.space_size}",
-            str(r.n_failed),
-            str(r.n_below_floor),
-            best.config.short() if best else "[red]none meets the floor[/]",
-            _fmt_us(best.latency_us if best else None),
-            _fmt_us(best.measurement.spread_us if best else None),
-            "-" if best is None else f"{best.sqnr_db:.1f}",
-            ratio,
-        )
-    out.print(table)
-    if args.objective == "pareto":
-        for r, _ in results:
-            pts = ", ".join(f"{t.latency_us:.1f}us/{t.sqnr_db:.1f}dB" for t in r.front)
-            out.print(f"front {r.shape.label()}: {pts or 'empty'}")
-    if report is not None:
-        out.print(
-            f"DB {report.path}: added {len(report.added)}, replaced {len(report.replaced)}, "
-            f"kept better stored {len(report.kept)}"
-        )
-    for path in fronts:
-        out.print(f"front written: {path}")
+    report, fronts, notes = None, [], []
+    if not args.no_db:
+        records = {r.study_name: record for r, _ in results}
+        report, fronts, notes, results = _write_db(args, gpu, dtype, results, records, storage, storage_desc, err)
+    _summary(args, gpu, provenance.get("source"), results, out)
+    _report_db(out, report, fronts, notes)
     out.print(f"wall time {time.monotonic() - t_start:.1f} s")
     return 0 if all(r.best is not None for r, _ in results) else 1
+
+
+def _export(args: argparse.Namespace, shapes: list) -> int:
+    """``--export``: write the DB from the studies in ``--storage``, measuring nothing."""
+    from rich.markup import escape
+
+    from qflash_gen.tune import _dbio, study
+    from qflash_gen.tune.lease import _backend
+    from qflash_gen.tune.space import get_grid
+
+    if args.no_db:
+        raise UsageError("--export writes the DB; it cannot be combined with --no-db")
+    if args.simulate:
+        measurer, dtype = _simulated(args)
+        gpu, grid = measurer.gpu, _grid(args, measurer)
+    else:
+        if args.gpu is None:
+            raise UsageError("--export needs --gpu NAME (the GPU the studies were tuned on), or --simulate FILE")
+        try:
+            gpu = _dbio.check_gpu_name(args.gpu)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        dtype = args.dtype or "fp16"
+        grid = get_grid(args.grid or "tune")
+    out, err = _consoles()
+    storage, storage_desc = _open_storage(args)
+    results, records = [], {}
+    for s, space, name, _ in _plans(args, gpu, dtype, shapes, grid, enqueue_db=False):
+        try:
+            r = study.load_result(storage, name, s, space, objective=args.objective, sqnr_floor=args.sqnr_floor)
+        except KeyError:
+            err.print(f"[yellow]{escape(f'{s.label()}: no study {name} in {storage_desc}: not tuned (skipped)')}[/]")
+            continue
+        record = _backend(storage).get_study_user_attrs(r.study_id).get("measurer")
+        if not record:
+            raise UsageError(
+                f"--export: study {name} does not record how it was measured (tuned by an older qflash-tune); "
+                "rerun one worker on it (it measures nothing new when its budget is spent) and export again"
+            )
+        records[name] = record
+        results.append((r, space))
+    if not results:
+        raise UsageError(
+            f"--export: none of the requested studies is in {storage_desc}; check --gpu, --workloads, --batches, "
+            "--dtype, --grid, --objective and --study (they name the study)"
+        )
+    report, fronts, notes, results = _write_db(
+        args, gpu, dtype, results, records, storage, storage_desc, err, force=True
+    )
+    _summary(args, gpu, "export", results, out)
+    _report_db(out, report, fronts, notes)
+    return 0 if report is not None and all(r.best is not None for r, _ in results) else 1
+
+
+def _run_devices(args: argparse.Namespace, argv: list[str], shapes: list) -> int:
+    """``--devices``: one worker process per GPU on this host, all on the same studies."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from qflash_gen.tune import _dbio, devices, study
+
+    try:
+        indices = devices.parse_devices(args.devices)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if args.exhaustive or args.export:
+        raise UsageError("--devices runs the search on several GPUs; it cannot be combined with --exhaustive/--export")
+    if args.simulate:
+        measurer, dtype = _simulated(args)
+        gpu, grid = measurer.gpu, _grid(args, measurer)
+        workers = [(f"sim:{i}", {}) for i in indices]
+    else:
+        try:
+            models = _dbio.device_models(indices)
+            gpu = devices.check_same_model(models)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        if args.gpu is not None and args.gpu != gpu:
+            shown = ", ".join(f"{i} = {name}" for i, _, name in models)
+            raise UsageError(f"--gpu {args.gpu} does not match the GPUs of --devices {args.devices}: {shown}")
+        dtype = args.dtype or "fp16"
+        grid = _grid(args, None)
+        workers = [(f"cuda:{i}", {"CUDA_VISIBLE_DEVICES": devices.physical_index(i)}) for i in indices]
+    out, err = _consoles()
+    _open_storage(args)  # a bad --storage is a usage error here, not once per worker
+    t0 = time.monotonic()
+    err.print(escape(f"qflash-tune: {len(workers)} workers ({', '.join(w for w, _ in workers)}) on gpu {gpu}"))
+    codes = devices.run_workers(devices.child_argv(argv), workers, err=err)
+    wall = time.monotonic() - t0
+
+    storage, storage_desc = _open_storage(args)
+    labels = [w for w, _ in workers]
+    table = Table(title=f"qflash-tune --devices {args.devices}: {len(workers)} workers on {gpu}, wall {wall:.1f} s")
+    for col in ("workload", "batch", "measured", *labels, "best config", "us", "DB written by"):
+        table.add_column(col, justify="left" if col in ("workload", "best config", "DB written by") else "right")
+    backend = None
+    for s, space, name, _ in _plans(args, gpu, dtype, shapes, grid, enqueue_db=False):
+        try:
+            r = study.load_result(storage, name, s, space, objective=args.objective, sqnr_floor=args.sqnr_floor)
+        except KeyError:
+            continue
+        from qflash_gen.tune.lease import _backend
+
+        backend = backend or _backend(storage)
+        written = backend.get_study_user_attrs(r.study_id).get(study.DB_WRITTEN) or {}
+        per = r.measured_per("device")
+        table.add_row(
+            s.workload,
+            str(s.batch),
+            f"{r.n_measured}/{r.space_size}",
+            *(str(per.get(w, 0)) for w in labels),
+            r.best.config.short() if r.best else "-",
+            _fmt_us(r.best.latency_us if r.best else None),
+            str(written.get("device") or written.get("by") or "-"),
+        )
+    out.print(table)
+    out.print(f"storage {storage_desc}; wall time {wall:.1f} s")
+    bad = [c for c in codes if c != 0]
+    if not bad:
+        return 0
+    return 2 if 2 in bad else 130 if 130 in bad else max(bad)
 
 
 def _exhaustive(args: argparse.Namespace, measurer: Any, shapes: list, grid: Any) -> int:
@@ -416,10 +736,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     from qflash_gen.tune.isolate import WorkerError
 
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     try:
         _check_numbers(args)
+        try:  # the study objective: --objective pareto --pareto-axes latency,energy,sqnr is "pareto-energy"
+            from qflash_gen.tune.study import objective_for
+
+            args.objective = objective_for(args.objective, args.pareto_axes)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
         shapes = _shapes(args)
+        if args.devices is not None:
+            return _run_devices(args, argv, shapes)
+        if args.export:
+            return _export(args, shapes)
         measurer, dtype = _simulated(args) if args.simulate else _live(args)
         try:
             grid = _grid(args, measurer)

@@ -11,6 +11,11 @@
   binary before the timed worker needs it (parallel precompilation).
 * ``environment``: device, driver, CUDA, torch, Triton and template versions.
 
+With ``protocol.energy`` a ``measure`` job also takes the energy per call of every correct shape
+(:mod:`qflash_gen.energy`: NVML's counter around >= ``energy_min_s`` s of CUDA-graph replay,
+``energy_repeats`` rounds, the job's shapes interleaved in each round with one idle span).  Where
+the counter is missing the candidate fails with the reason (``energy: ...``), never a made-up number.
+
 On a machine without CUDA (tests) the same code runs the kernel through Triton's interpreter
 (``TRITON_INTERPRET=1``) and "times" it with the wall clock: those numbers are labeled
 ``timing: cpu-interpreter`` and say nothing about a GPU.
@@ -18,6 +23,7 @@ On a machine without CUDA (tests) the same code runs the kernel through Triton's
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import subprocess
 import time
@@ -41,6 +47,7 @@ _FATAL_MARKERS = (
 )
 _INPUT_CACHE_MAX = 16
 _inputs_cache: dict[tuple, dict[str, Any]] = {}
+_energy_meters: dict[tuple, Any] = {}  # (min_s, repeats) -> EnergyMeter on this worker's GPU (opened once)
 
 
 class WorkerFatal(RuntimeError):
@@ -204,6 +211,61 @@ def measure_one(cfg: KernelConfig, shape: ShapeSpec, protocol: Protocol) -> Meas
         return Measurement.failed(f"{type(exc).__name__}: {str(exc).strip()[:500]}")
 
 
+def _energy_meter(protocol: Protocol) -> Any:
+    from qflash_gen import energy
+
+    key = (protocol.energy_min_s, protocol.energy_repeats)
+    meter = _energy_meters.get(key)
+    if meter is None:
+        counter = next((m.counter for m in _energy_meters.values()), None) or energy.open_counter()
+        meter = energy.EnergyMeter(counter, min_seconds=protocol.energy_min_s, repeats=protocol.energy_repeats)
+        _energy_meters[key] = meter
+    return meter
+
+
+def add_energy(
+    cfg: KernelConfig, shapes: list[ShapeSpec], protocol: Protocol, measurements: list[Measurement]
+) -> list[Measurement]:
+    """The measurements with the energy per call of each correct one (see the module doc); a
+    candidate whose energy cannot be measured fails with the reason."""
+    from qflash_gen import energy
+
+    todo = [i for i, m in enumerate(measurements) if m.ok]
+    if not todo:
+        return measurements
+    device = _device()
+
+    def failed(why: str) -> list[Measurement]:
+        return [dataclasses.replace(m, error=f"energy: {why}"[:600]) if m.ok else m for m in measurements]
+
+    try:
+        meter = _energy_meter(protocol)
+        works = {}
+        for i in todo:
+            x = _inputs(shapes[i], protocol.seed, device)
+            out = torch.empty(shapes[i].shape, dtype=_TORCH_DTYPES[protocol.out_dtype], device=device)
+            works[str(i)] = energy.GraphWork(lambda x=x, out=out: _launch(cfg, x, out))
+        got = meter.measure_many(works)
+    except (energy.EnergyUnavailable, energy.EnergyError) as exc:
+        return failed(str(exc))
+    except WorkerFatal:
+        raise
+    except Exception as exc:  # graph capture failed, ...: this candidate fails
+        _check_context(device, exc)
+        return failed(f"{type(exc).__name__}: {str(exc).strip()[:500]}")
+    result = list(measurements)
+    for i in todo:
+        r = got[str(i)]
+        result[i] = dataclasses.replace(
+            measurements[i],
+            energy_uj=r.uj_per_call,
+            energy_spread_uj=r.spread_uj,
+            above_idle_uj=r.above_idle_uj,
+            idle_w=r.idle_w,
+        )
+    return result
+
+
 def compile_one(cfg: KernelConfig, shapes: list[ShapeSpec], protocol: Protocol) -> dict[str, Any]:
     """Launch once per distinct (H, N, D, masked) on small inputs: fills Triton's disk cache.
 
@@ -278,4 +340,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         return compile_one(cfg, shapes, protocol)
     if op != "measure":
         raise ValueError(f"unknown op {op!r}")
-    return {"measurements": [measure_one(cfg, s, protocol).to_dict() for s in shapes]}
+    measurements = [measure_one(cfg, s, protocol) for s in shapes]
+    if protocol.energy:
+        measurements = add_energy(cfg, shapes, protocol, measurements)
+    return {"measurements": [m.to_dict() for m in measurements]}

@@ -24,6 +24,7 @@ from qflash_gen.config import KernelConfig
 from qflash_gen.tune.isolate import IsolatedRunner
 
 GPU_TARGET = "qflash_gen.tune.gpu_worker:run_job"
+ENERGY_FIELDS: tuple[str, ...] = ("energy_uj", "energy_spread_uj", "above_idle_uj", "idle_w")
 OUT_DTYPES: tuple[str, ...] = ("fp16", "bf16", "fp32", "int8")
 TIMINGS: tuple[str, ...] = ("do_bench", "cudagraph")
 
@@ -86,6 +87,13 @@ class Measurement:
     sqnr_db: float | None
     correct: bool
     error: str | None = None
+    # Energy per call (µJ, :mod:`qflash_gen.energy`), only where the protocol measures it:
+    # total (idle floor during the call included), its spread (max - min of the rounds), the part
+    # above idle, and the idle power (W) measured beside it.
+    energy_uj: float | None = None
+    energy_spread_uj: float | None = None
+    above_idle_uj: float | None = None
+    idle_w: float | None = None
 
     @classmethod
     def failed(cls, error: str) -> Measurement:
@@ -106,7 +114,11 @@ class Measurement:
         return self.ok and self.sqnr_db is not None and self.sqnr_db >= sqnr_floor
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        for key in ENERGY_FIELDS:  # absent unless measured (latency-only records stay as they were)
+            if out[key] is None:
+                del out[key]
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Measurement:
@@ -120,6 +132,7 @@ class Measurement:
             sqnr_db=num("sqnr_db"),
             correct=bool(data.get("correct", False)),
             error=data.get("error") or None,
+            **{key: num(key) for key in ENERGY_FIELDS},
         )
 
 
@@ -134,6 +147,10 @@ class Protocol:
         warmup_ms, rep_ms: do_bench's warm-up and measuring time budgets (rep_ms sets the count).
         out_dtype: the kernel's output dtype while timed (the workload key's out dtype).
         seed: seed of the random inputs (fresh per shape, the same for every candidate).
+        energy, energy_min_s, energy_repeats: also measure energy per call with NVML's counter
+            (:mod:`qflash_gen.energy`): loops of >= ``energy_min_s`` s of CUDA-graph replay,
+            ``energy_repeats`` rounds each with its idle span.  Listed in :meth:`to_dict` only
+            when on, so latency-only protocols (and the tables recorded with them) are unchanged.
     """
 
     timing: str = "do_bench"
@@ -141,6 +158,9 @@ class Protocol:
     rep_ms: float = 50.0
     out_dtype: str = "fp16"
     seed: int = 0
+    energy: bool = False  # also measure µJ per call (NVML counter, :mod:`qflash_gen.energy`)
+    energy_min_s: float = 1.0
+    energy_repeats: int = 3
 
     def __post_init__(self) -> None:
         if self.timing not in TIMINGS:
@@ -149,6 +169,10 @@ class Protocol:
             raise ValueError(f"out_dtype={self.out_dtype!r} is not supported; choose one of {OUT_DTYPES}")
         if not (self.warmup_ms >= 0 and self.rep_ms > 0):
             raise ValueError(f"warmup_ms={self.warmup_ms} must be >= 0 and rep_ms={self.rep_ms} > 0")
+        if not (self.energy_min_s > 0 and math.isfinite(self.energy_min_s)) or self.energy_repeats < 1:
+            raise ValueError(
+                f"energy_min_s={self.energy_min_s} must be > 0 seconds and energy_repeats={self.energy_repeats} >= 1"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """The full description (what a reader of a DB entry or a table needs to trust it)."""
@@ -165,6 +189,18 @@ class Protocol:
             "correctness": "bit-exact vs the integer oracle reference_int8 (same config) before timing; a mismatch fails the trial",
             "sqnr": "float output (fp16 when timing int8) vs fp64 attention of the dequantized int8 inputs",
             "isolation": "one worker subprocess per candidate stream, per-candidate timeout",
+            **(self._energy_dict() if self.energy else {}),
+        }
+
+    def _energy_dict(self) -> dict[str, Any]:
+        from qflash_gen.energy import method
+
+        return {
+            "energy": True,
+            "energy_min_s": self.energy_min_s,
+            "energy_repeats": self.energy_repeats,
+            "energy_method": method(self.energy_min_s, self.energy_repeats)
+            + "; the shapes of one candidate share each round's idle span; energy_uj = total per call",
         }
 
     @classmethod

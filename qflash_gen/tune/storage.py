@@ -4,25 +4,36 @@
   (``<cache>/qflash-gen/tune/studies.journal``).  No server; every finished trial is appended and
   fsynced before the next one starts, so a killed run loses at most the trial in flight, and
   several processes on one host can share it (the file is locked per append).
-* ``--storage PATH`` (no ``://``): a journal file at PATH.
-* ``--storage URL`` (``sqlite:///…``, ``postgresql://…``, ``mysql://…``): Optuna's RDB storage.
+* ``--storage PATH`` (no ``://``): a journal file at PATH (one host: the lock is a local file).
+* ``--storage URL``: Optuna's RDB storage, for workers on many hosts.  ``postgresql://…``
+  (driver: the optional extra ``qflash-gen[distributed]``, psycopg2-binary; psycopg 3 works too),
+  ``mysql+pymysql://…`` or ``mysql://…`` (MySQL / MariaDB; bring the driver), ``sqlite:///…``
+  (one host).  A plain ``postgresql://`` or ``mysql://`` URL uses whichever of SQLAlchemy's
+  drivers is installed; ``postgres://`` is read as ``postgresql://``.
+
+Several processes share a study safely through any of these: see :mod:`.lease` for how they split
+the work and :mod:`.study` for the per-worker budget.
 
 A killed run leaves its trial in flight RUNNING (Optuna's heartbeat only works inside
 ``Study.optimize``; the tuner uses ask/tell).  Each trial records its owner ``host:pid``, and
 :func:`fail_abandoned` marks RUNNING trials of dead processes on this host FAIL when a study
-starts.  (Workers on other hosts that die leave RUNNING trials; they are never counted as
-measured, so nothing is wrong, only untidy.)
+starts; a worker that dies on another host is found by its stale lease heartbeat
+(:mod:`.lease`), and its trial in flight is failed then.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import random
 import socket
+import time
 from pathlib import Path
 
 import optuna
 
 ENV_STORAGE = "QFLASH_GEN_TUNE_STORAGE"
+JOURNAL_LOCK_GRACE_S = 10
 
 
 def default_storage_path() -> Path:
@@ -45,20 +56,77 @@ def open_storage(spec: str | os.PathLike[str] | None = None) -> tuple[optuna.sto
         path = default_storage_path()
     elif "://" in str(spec):
         url = str(spec)
+        shown = _redact(url)
         try:
-            storage = optuna.storages.RDBStorage(url)
+            storage = _open_rdb(_with_driver(url))
         except Exception as exc:  # noqa: BLE001 - driver missing, bad URL, server down: all are usage errors
-            shown = _redact(url)
             why = str(exc).replace(url, shown)
-            raise ValueError(f"--storage {shown}: cannot open it: {type(exc).__name__}: {why}") from None
-        return storage, _redact(url)
+            raise ValueError(
+                f"--storage {shown}: cannot open it: {type(exc).__name__}: {why}{_hint(url, exc)}"
+            ) from None
+        return storage, shown
     else:
         path = Path(spec).expanduser()
     if path.exists() and path.is_dir():
         raise ValueError(f"--storage {path}: is a directory; give a journal file path or a storage URL")
     path.parent.mkdir(parents=True, exist_ok=True)
-    backend = optuna.storages.journal.JournalFileBackend(str(path))
+    # The append lock is held for one write + fsync (milliseconds); a worker killed while holding
+    # it would stall the others for Optuna's default 30 s grace before they break it.
+    lock = optuna.storages.journal.JournalFileSymlinkLock(str(path), grace_period=JOURNAL_LOCK_GRACE_S)
+    backend = optuna.storages.journal.JournalFileBackend(str(path), lock_obj=lock)
     return optuna.storages.JournalStorage(backend), f"journal:{path}"
+
+
+# scheme -> (drivers SQLAlchemy may use for it, in its order of preference: (module, dialect+driver))
+_DRIVERS = {
+    "postgresql": (("psycopg", "postgresql+psycopg"), ("psycopg2", "postgresql+psycopg2")),
+    "postgres": (("psycopg", "postgresql+psycopg"), ("psycopg2", "postgresql+psycopg2")),
+    "mysql": (("MySQLdb", "mysql+mysqldb"), ("pymysql", "mysql+pymysql")),
+}
+
+
+def _with_driver(url: str) -> str:
+    """A plain ``postgresql://`` / ``mysql://`` URL with the driver that is installed named in it.
+
+    SQLAlchemy 2.1 picks psycopg (3) for ``postgresql://`` and mysqlclient for ``mysql://``;
+    with only psycopg2 (our ``[distributed]`` extra) or PyMySQL installed it would fail."""
+    scheme, sep, rest = url.partition("://")
+    drivers = _DRIVERS.get(scheme.lower())
+    if drivers is None:
+        return url
+    for module, dialect in drivers:
+        if importlib.util.find_spec(module) is not None:
+            return f"{dialect}{sep}{rest}"
+    return url  # none installed: let SQLAlchemy say so (the hint names the extra)
+
+
+def _hint(url: str, exc: BaseException) -> str:
+    scheme = url.partition("://")[0].lower()
+    if not isinstance(exc, ImportError) and "No module named" not in str(exc):
+        return ""
+    if scheme.startswith("postgres"):
+        return "; install a PostgreSQL driver: pip install 'qflash-gen[distributed]' (psycopg2-binary)"
+    if scheme.startswith("mysql"):
+        return "; install a MySQL driver: pip install PyMySQL (then mysql+pymysql://... or mysql://...)"
+    return ""
+
+
+def _open_rdb(url: str) -> optuna.storages.RDBStorage:
+    """Optuna's RDBStorage; retried when several workers create the tables of a new database at
+    the same moment (PostgreSQL then fails all but one with a unique-violation on its catalog)."""
+    import sqlalchemy.exc
+
+    kwargs = {}
+    if url.startswith("postgresql"):
+        kwargs["engine_kwargs"] = {"pool_pre_ping": True}  # a connection idle through a long compile may be gone
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(url, **kwargs)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            if attempt == 4:
+                raise
+            time.sleep(0.2 + random.random() * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def _redact(url: str) -> str:

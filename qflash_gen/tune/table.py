@@ -8,6 +8,10 @@ Format (one row per (GPU, shape, config) measured)::
     gpu,workload,batch,B,H,N,D,masked,config,latency_us,spread_us,sqnr_db,correct,error
     h100,vit_b,8,8,12,197,64,false,"{""acc_bits"":32,...}",41.2,0.6,36.9,true,
 
+A table recorded with energy (``tools/energy_sweep.py``) has four more columns after ``error``:
+``energy_uj,energy_spread_uj,above_idle_uj,idle_w`` (µJ per call, total and above idle, and
+the idle power in W; see :mod:`qflash_gen.energy`); tables without them replay with no energy.
+
 ``config`` is the JSON of ``KernelConfig.to_dict()`` with sorted keys; ``latency_us`` /
 ``spread_us`` / ``sqnr_db`` are empty where nothing was measured (a failed candidate, whose
 ``error`` says why).  The ``#`` lines record how the numbers were taken, so a table explains
@@ -50,6 +54,7 @@ COLUMNS: tuple[str, ...] = (
     "correct",
     "error",
 )
+ENERGY_COLUMNS: tuple[str, ...] = ("energy_uj", "energy_spread_uj", "above_idle_uj", "idle_w")
 MAGIC = "# qflash-gen measurement table"
 ERROR_MAX = 300  # characters of an error message kept in the table
 
@@ -95,11 +100,19 @@ class Row:
 class Table:
     """A recorded table in memory, indexed for replay."""
 
-    def __init__(self, rows: list[Row], meta: dict[str, Any], path: Path | None = None, sha256: str = "") -> None:
+    def __init__(
+        self,
+        rows: list[Row],
+        meta: dict[str, Any],
+        path: Path | None = None,
+        sha256: str = "",
+        has_energy: bool = False,
+    ) -> None:
         self.rows = rows
         self.meta = meta
         self.path = path
         self.sha256 = sha256
+        self.has_energy = has_energy  # recorded with the energy columns
         self._index: dict[tuple, Row] = {}
         for row in rows:
             self._index[row.key()] = row  # a later row (re-measurement) wins
@@ -137,10 +150,15 @@ class Table:
         key = shape.match_key()
         return [r for k, r in self._index.items() if k[0] == gpu and r.shape.match_key() == key]
 
-    def best(self, gpu: str, shape: ShapeSpec, sqnr_floor: float) -> Row | None:
-        """The fastest correct row at or above the SQNR floor (the exhaustive optimum)."""
-        ok = [r for r in self.rows_for(gpu, shape) if r.measurement.feasible(sqnr_floor)]
-        return min(ok, key=lambda r: r.measurement.latency_us) if ok else None
+    def best(self, gpu: str, shape: ShapeSpec, sqnr_floor: float, metric: str = "latency_us") -> Row | None:
+        """The correct row at or above the SQNR floor with the least ``metric`` (``latency_us``, or
+        ``energy_uj`` where recorded): the exhaustive optimum."""
+        ok = [
+            r
+            for r in self.rows_for(gpu, shape)
+            if r.measurement.feasible(sqnr_floor) and getattr(r.measurement, metric) is not None
+        ]
+        return min(ok, key=lambda r: getattr(r.measurement, metric)) if ok else None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -177,6 +195,7 @@ def read_table(path: str | os.PathLike[str]) -> Table:
     missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
     if missing:
         raise ValueError(f"{path}: not a qflash-gen measurement table; missing columns {missing}")
+    has_energy = "energy_uj" in (reader.fieldnames or [])
     rows: list[Row] = []
     for i, rec in enumerate(reader, start=2):
         where = f"{path}: data row {i - 1}"
@@ -197,27 +216,34 @@ def read_table(path: str | os.PathLike[str]) -> Table:
                 sqnr_db=_num(rec["sqnr_db"]),
                 correct=_bool(rec["correct"], "correct", where),
                 error=rec["error"] or None,
+                **({c: _num(rec.get(c) or "") for c in ENERGY_COLUMNS} if has_energy else {}),
             )
         except (ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
             raise ValueError(f"{where}: {exc}") from None
         rows.append(Row(gpu=rec["gpu"].strip(), shape=shape, config=config, measurement=m))
-    return Table(rows, meta, path=path, sha256=hashlib.sha256(raw).hexdigest())
+    return Table(rows, meta, path=path, sha256=hashlib.sha256(raw).hexdigest(), has_energy=has_energy)
 
 
 class TableWriter:
     """Append rows to a table file, creating it (with its ``#`` header) or resuming it.
 
     On resume the recorded protocol must equal ``protocol`` (timings taken two ways do not
-    belong in one table); :meth:`done` tells which (gpu, shape, config) rows exist already."""
+    belong in one table); :meth:`done` tells which (gpu, shape, config) rows exist already.
+    ``energy=True`` writes the :data:`ENERGY_COLUMNS` too (default: when the protocol measures
+    energy, ``protocol["energy"]``)."""
 
     def __init__(
         self,
         path: str | os.PathLike[str],
         protocol: Mapping[str, Any],
         environment: Mapping[str, Any],
+        *,
+        energy: bool | None = None,
     ) -> None:
         self.path = Path(path)
         self.protocol = dict(protocol)
+        energy = bool(self.protocol.get("energy")) if energy is None else energy
+        self.energy = energy
         self._done: set[tuple] = set()
         if self.path.exists() and self.path.stat().st_size > 0:
             self._repair_tail()
@@ -227,6 +253,11 @@ class TableWriter:
                     f"--record {self.path}: recorded with another protocol {existing.protocol}, "
                     f"this run uses {self.protocol}; record into another file"
                 )
+            if existing.has_energy != energy:
+                raise ValueError(
+                    f"--record {self.path}: recorded {'with' if existing.has_energy else 'without'} energy columns, "
+                    f"this run {'measures' if energy else 'does not measure'} energy; record into another file"
+                )
             self._done = {r.key() for r in existing.rows}
             self._fh = open(self.path, "a", newline="", encoding="utf-8")  # noqa: SIM115
         else:
@@ -235,7 +266,7 @@ class TableWriter:
             self._fh.write(MAGIC + "\n")
             self._fh.write("# protocol: " + json.dumps(self.protocol, sort_keys=True) + "\n")
             self._fh.write("# environment: " + json.dumps(dict(environment), sort_keys=True) + "\n")
-            csv.writer(self._fh).writerow(COLUMNS)
+            csv.writer(self._fh).writerow(COLUMNS + (ENERGY_COLUMNS if energy else ()))
             self._sync()
         self._writer = csv.writer(self._fh)
 
@@ -274,6 +305,7 @@ class TableWriter:
                 _fmt(m.sqnr_db),
                 "true" if m.correct else "false",
                 error,
+                *((_fmt(getattr(m, c)) for c in ENERGY_COLUMNS) if self.energy else ()),
             ]
         )
         self._sync()
