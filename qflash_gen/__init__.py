@@ -11,9 +11,11 @@ Public surface::
 
 __version__ = "0.1.0"
 
+from qflash_gen import ops  # noqa: E402, F401  (registers the torch.library ops)
 from qflash_gen.codegen import render  # noqa: E402
 from qflash_gen.config import DEFAULT_CONFIG, KernelConfig, check_workload  # noqa: E402
 from qflash_gen.kernel import Kernel, get_kernel  # noqa: E402
+from qflash_gen.models import calibrate, patch_model  # noqa: E402
 from qflash_gen.runtime import attention, attention_int8  # noqa: E402
 
 __all__ = [
@@ -23,7 +25,9 @@ __all__ = [
     "__version__",
     "attention",
     "attention_int8",
+    "calibrate",
     "check_workload",
     "get_kernel",
+    "patch_model",
     "render",
 ]
