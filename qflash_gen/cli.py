@@ -1031,6 +1031,40 @@ def report_rows(database: db_mod.TuningDB, gpu: str, names: str = "paper") -> li
     return rows
 
 
+def bench_baselines(path: Path) -> dict[str, dict[str, float]]:
+    """SDPA times per DB key from a ``tools/bench.py`` CSV (rows ``mode=fp16``, ``impl=sdpa_*``:
+    do_bench medians, the protocol of the DB's own latencies).  The bench runs unmasked attention,
+    so only unmasked keys get baselines."""
+    import csv
+
+    import torch
+
+    from qflash_gen.keys import workload_key
+
+    if not path.is_file():
+        raise UsageError(f"--bench {path}: no such file (a CSV written by tools/bench.py)")
+    out: dict[str, dict[str, float]] = {}
+    with open(path, newline="", encoding="utf-8") as fh:
+        for i, row in enumerate(csv.DictReader(fh), start=2):
+            try:
+                if row.get("mode") != "fp16" or not row.get("impl", "").startswith("sdpa_"):
+                    continue
+                shape = tuple(int(row[c]) for c in ("B", "H", "N", "D"))
+                us = float(row["us"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise UsageError(f"--bench {path}:{i}: not a tools/bench.py row ({exc})") from None
+            key = workload_key(shape, masked=False, in_dtype=torch.float16).to_str()
+            slot = out.setdefault(key, {})
+            slot[row["impl"]] = min(us, slot.get(row["impl"], us))
+    return out
+
+
+def with_bench_baselines(rows: list[ReportRow], path: Path) -> list[ReportRow]:
+    """Rows with SDPA baselines from a bench CSV added (an entry's own recorded baselines win)."""
+    bench = bench_baselines(path)
+    return [dataclasses.replace(r, baselines={**bench.get(r.key, {}), **r.baselines}) for r in rows]
+
+
 @dataclasses.dataclass(frozen=True)
 class StudyHistory:
     """One Optuna study, reduced to what the report draws."""
@@ -1175,7 +1209,10 @@ def _optuna_plots(histories: list[StudyHistory], stem: Path) -> list[Path]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # optuna marks its matplotlib backend experimental
             if len(h.directions) > 1:
-                ax = ovm.plot_pareto_front(h.study, target_names=["latency µs", "SQNR dB"])
+                names = (
+                    ["latency µs", "energy µJ", "SQNR dB"] if len(h.study.directions) == 3 else ["latency µs", "SQNR dB"]
+                )
+                ax = ovm.plot_pareto_front(h.study, target_names=names)
             else:
                 ax = ovm.plot_optimization_history(h.study, target_name="latency µs")
         fig = ax.figure if hasattr(ax, "figure") else plt.gcf()
@@ -1250,6 +1287,8 @@ def _db_report(args: argparse.Namespace, printer: Printer) -> int:
         rows = report_rows(database, args.gpu, args.workloads)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if args.bench:
+        rows = with_bench_baselines(rows, Path(args.bench))
     histories = load_histories(args.storage, args.study) if args.storage else []
     files = scan(database, args.gpu)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -1311,6 +1350,7 @@ def _db_parser() -> argparse.ArgumentParser:
     rep.add_argument("--workloads", default="paper", help="names that label entries (default paper = A1..A7)")
     rep.add_argument("--storage", help="Optuna storage of the tuning runs (journal file or URL)")
     rep.add_argument("--study", help="study name, or a glob such as 'qflash/h100/*'")
+    rep.add_argument("--bench", metavar="CSV", help="SDPA baselines from a tools/bench.py CSV (docs/benchmarks/<gpu>.csv)")
     return p
 
 

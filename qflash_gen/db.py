@@ -570,9 +570,22 @@ def generation() -> int:
     return _generation
 
 
+def _objective(entry: Mapping[str, Any]) -> str:
+    proto = entry.get("protocol") or {}
+    tuner = proto.get("tuner") if isinstance(proto, Mapping) else None
+    return str(tuner.get("objective", "latency")) if isinstance(tuner, Mapping) else "latency"
+
+
 def _better(new: Mapping[str, Any], old: Mapping[str, Any]) -> bool:
-    """Lower median latency wins; a tie keeps the stored entry (no churn in the file)."""
+    """Lower median latency wins; between two energy-tuned entries (``--objective energy``, both
+    with ``energy_uj``) lower energy wins.  A tie keeps the stored entry (no churn in the file)."""
     try:
+        if (
+            _objective(new) == _objective(old) == "energy"
+            and new.get("energy_uj") is not None
+            and old.get("energy_uj") is not None
+        ):
+            return float(new["energy_uj"]) < float(old["energy_uj"])
         return float(new["latency_us"]) < float(old["latency_us"])
     except (TypeError, ValueError):  # a stored stale entry with a malformed number: replace it
         return True

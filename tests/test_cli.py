@@ -439,3 +439,28 @@ def test_db_report_usage_errors(capsys, db_dir, tmp_path):
     assert code == 2 and "not a known GPU" in err
     assert run_db(capsys, "report", "--gpu", "h100", "--out", "r.png", "--study", "x", "--db", str(db_dir))[0] == 2
     assert run_db(capsys, "ls", "--db", str(tmp_path / "missing"))[0] == 2
+
+
+def test_db_report_takes_sdpa_baselines_from_a_bench_csv(capsys, tmp_path):
+    """--bench: SDPA times of a tools/bench.py CSV become the baselines of the matching entries."""
+    from qflash_gen import db
+
+    d = tmp_path / "tuning_db"
+    db.write_entries(d / "h100.yaml", [_entry((8, 12, 197, 64), VIT_B_CFG, 20.0)], gpu="h100")
+    csv_path = tmp_path / "h100.csv"
+    csv_path.write_text(
+        "gpu,workload,batch,B,H,N,D,mode,impl,us,sqnr_db\n"
+        "h100,A3,8,8,12,197,64,fp16,sdpa_cudnn,15.0,60\n"
+        "h100,A3,8,8,12,197,64,fp16,sdpa_flash,17.5,60\n"
+        "h100,A3,8,8,12,197,64,graph,sdpa_cudnn,11.0,60\n"  # graph rows are another protocol: ignored
+        "h100,A3,8,8,12,197,64,fp16,qflash_gen,30.0,33\n"
+    )
+    md = tmp_path / "r.md"
+    code, _, err = run_db(capsys, "report", "--gpu", "h100", "--out", str(md), "--db", str(d), "--bench", str(csv_path))
+    assert code == 0, err
+    text = md.read_text()
+    assert "| 15.00 (sdpa_cudnn) | 0.75x |" in text, text
+    bad = tmp_path / "bad.csv"
+    bad.write_text("gpu,mode,impl,us\nh100,fp16,sdpa_flash,abc\n")
+    code, _, err = run_db(capsys, "report", "--gpu", "h100", "--out", str(md), "--db", str(d), "--bench", str(bad))
+    assert code == 2 and "bad.csv:2" in err

@@ -88,6 +88,19 @@ def test_merge_keeps_the_better_entry_unless_forced(tmp_path):
     assert db.load_file(path).entries[slower.key].latency_us == 12.0
 
 
+def test_energy_tuned_entries_merge_by_energy(tmp_path):
+    path = tmp_path / "h100.yaml"
+    proto = {**PROTOCOL, "tuner": {"objective": "energy"}}
+    db.write_entries(path, [entry(16, 10.0, protocol=proto, energy_uj=500.0)])
+    frugal = entry(16, 12.0, config=DEFAULT_CONFIG.replace(block_m=32), protocol=proto, energy_uj=400.0)
+    assert db.write_entries(path, [frugal]).replaced == [frugal.key.to_str()]  # slower, but less energy
+    hungry = entry(16, 8.0, config=DEFAULT_CONFIG.replace(block_m=128), protocol=proto, energy_uj=450.0)
+    assert db.write_entries(path, [hungry]).kept == [hungry.key.to_str()]
+    # A latency-tuned entry against an energy-tuned one: latency decides, as before.
+    fast = entry(16, 7.0, config=DEFAULT_CONFIG.replace(block_m=16), energy_uj=900.0)
+    assert db.write_entries(path, [fast]).replaced == [fast.key.to_str()]
+
+
 def test_entries_of_other_software_are_kept_on_write(tmp_path):
     path = tmp_path / "h100.yaml"
     old = entry(16, 5.0, software={**db.running_software(), **OLD_SOFTWARE})
