@@ -9,6 +9,8 @@ Modules, one concept each:
 * :mod:`.study` — the ask/tell loop, duplicate handling, resume, the pick and the Pareto front.
 * :mod:`.table` — recorded tables (CSV); :mod:`.sweep` — the exhaustive sweep that records them.
 * :mod:`.storage` — Optuna storage (embedded journal file or a URL); :mod:`.cli` — ``qflash-tune``.
+* :mod:`.lease` — several workers on one study: who measures a config, worker slots, who writes
+  the DB; :mod:`.devices` — ``--devices``: one worker process per GPU (docs/distributed.md).
 
 Importing this package starts no process and touches no GPU.
 """

@@ -6,6 +6,9 @@ Examples::
     qflash-tune --gpu h100 --workloads A1,A2,A3 --batches 64 --trials 40 --db tuning_db
     qflash-tune --simulate tests/data/h100_sweep.csv --workloads vit_b --batches 8   # no GPU: replay a table
     qflash-tune --gpu h100 --workloads vit_b,swin_t --batches 8,64 --exhaustive --record sweep.csv
+    qflash-tune --devices 0,1 --workloads swin_t --batches 8,64       # a worker per GPU, sharing each study
+    qflash-tune --storage postgresql://tuner:pw@dbhost/qflash --devices 0,1,2,3 --workloads A1,A2 --no-db
+    qflash-tune --storage postgresql://tuner:pw@dbhost/qflash --export --gpu h100 --workloads A1,A2 --db tuning_db
     qflash-tune --gpu h100 --workloads vit_b --batches 64 --objective energy --trials 20   # µJ/call (NVML)
     qflash-tune --simulate tests/data/h100_energy.csv --workloads vit_b --batches 64 \\
         --objective pareto --pareto-axes latency,energy,sqnr
@@ -22,6 +25,7 @@ import argparse
 import dataclasses
 import math
 import os
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -53,7 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--workloads", required=True, help="comma-separated names: vit_b, swin_s (its 4 stages), A1..A7, ..."
     )
     p.add_argument("--batches", default="1,8,64", help="images per batch, comma-separated (default 1,8,64)")
-    p.add_argument("--trials", type=int, default=DEFAULT_TRIALS, help="configs to measure per study (default 50)")
+    p.add_argument(
+        "--trials",
+        type=int,
+        default=DEFAULT_TRIALS,
+        help="configs this worker measures per study (default 50); concurrent workers each add theirs",
+    )
     p.add_argument(
         "--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per candidate (compile + check + timing)"
     )
@@ -270,8 +279,20 @@ def _measured_on_device(best: Any, environment: dict) -> str | None:
     return str(name) if name else None
 
 
+def _tuner_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """How the search ran (stored on each study with the measurer's record, for ``--export``)."""
+    from qflash_gen.tune import study
+
+    return {
+        "objective": args.objective,
+        "sampler": args.sampler or ("nsga2" if study.is_pareto(args.objective) else "tpe"),
+        "seed": args.seed,
+        "sqnr_floor": args.sqnr_floor,
+    }
+
+
 def _best_result(args: argparse.Namespace, r: Any, space: Any, dtype: str, record: dict, storage_desc: str):
-    from qflash_gen.tune import _dbio, study
+    from qflash_gen.tune import _dbio
 
     m = r.best.measurement
     provenance = dict(record.get("provenance") or {})
@@ -283,10 +304,8 @@ def _best_result(args: argparse.Namespace, r: Any, space: Any, dtype: str, recor
         "batch": r.shape.batch,
         "shape": list(r.shape.shape),
         "tuner": {
-            "objective": args.objective,
-            "sampler": args.sampler or ("nsga2" if study.is_pareto(args.objective) else "tpe"),
-            "seed": args.seed,
-            "sqnr_floor": args.sqnr_floor,
+            **_tuner_settings(args),
+            **dict(record.get("tuner") or {}),  # as the workers ran it (an --export may say otherwise)
             "study": r.study_name,
             "storage": storage_desc,
             "space_size": r.space_size,
@@ -490,7 +509,6 @@ def _report_db(out: Any, report: Any, fronts: list, notes: list[str]) -> None:
 
 def _tune(args: argparse.Namespace, measurer: Any, dtype: str, shapes: list, grid: Any) -> int:
     from rich.markup import escape
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from qflash_gen.tune import study
     from qflash_gen.tune.simulate import SimulatedMeasurer
@@ -515,7 +533,13 @@ def _tune(args: argparse.Namespace, measurer: Any, dtype: str, shapes: list, gri
     environment = provenance.get("environment") or {}
     # How this worker measures: stored on each study, so `qflash-tune --export` can write the DB
     # entry on a machine that measured nothing.
-    record = {"gpu": gpu, "dtype": dtype, "protocol": measurer.protocol, "provenance": provenance}
+    record = {
+        "gpu": gpu,
+        "dtype": dtype,
+        "protocol": measurer.protocol,
+        "provenance": provenance,
+        "tuner": _tuner_settings(args),
+    }
     worker_info: dict[str, Any] = {"device_name": environment.get("device")}
     if args.device_label:
         worker_info["device"] = args.device_label
@@ -525,6 +549,48 @@ def _tune(args: argparse.Namespace, measurer: Any, dtype: str, shapes: list, gri
     err.print(escape(f"qflash-tune: gpu {gpu}{label}, {len(plans)} studies, storage {storage_desc}"))
     results = []
     t_start = time.monotonic()
+    # A worker slot in every study first: workers started together each spend their own budget
+    # in every study, however far apart their progress drifts (study.open_study).
+    runs = []
+    try:
+        for s, space, name, _ in plans:
+            runs.append(
+                study.open_study(
+                    s,
+                    space,
+                    storage=storage,
+                    name=name,
+                    budget=args.trials,
+                    objective=args.objective,
+                    sqnr_floor=args.sqnr_floor,
+                    seed=args.seed,
+                    sampler=args.sampler,
+                    worker_info=worker_info,
+                    study_attrs={"measurer": record},
+                )
+            )
+        _search_all(args, measurer, plans, runs, results, err)
+    finally:
+        for run in runs:
+            run.close()
+
+    report, fronts, notes = None, [], []
+    if not args.no_db:
+        records = {r.study_name: record for r, _ in results}
+        report, fronts, notes, results = _write_db(args, gpu, dtype, results, records, storage, storage_desc, err)
+    _summary(args, gpu, provenance.get("source"), results, out)
+    _report_db(out, report, fronts, notes)
+    out.print(f"wall time {time.monotonic() - t_start:.1f} s")
+    return 0 if all(r.best is not None for r, _ in results) else 1
+
+
+def _search_all(args: argparse.Namespace, measurer: Any, plans: list, runs: list, results: list, err: Any) -> None:
+    """The studies' searches, one after the other, with a progress bar each."""
+    from rich.markup import escape
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from qflash_gen.tune import study
+
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -539,31 +605,23 @@ def _tune(args: argparse.Namespace, measurer: Any, dtype: str, shapes: list, gri
             total = min(args.trials, space.size)
             tasks[s] = bar.add_task(f"{s.label():<16}", total=total, best="")
 
-        for s, space, name, enqueue in plans:
+        for (s, space, _, enqueue), run in zip(plans, runs, strict=True):
             task = tasks[s]
 
             def progress(r: study.StudyResult, task: Any = task) -> None:
                 best = f"best {r.best.latency_us:.2f} us" if r.best else "no feasible config yet"
                 bar.update(task, completed=r.n_mine, best=f"{best}  ({r.n_failed} failed, {r.n_measured} in study)")
 
-            r = study.run_study(
-                s,
-                measurer,
-                space,
-                storage=storage,
-                name=name,
-                budget=args.trials,
-                objective=args.objective,
-                sqnr_floor=args.sqnr_floor,
-                seed=args.seed,
-                sampler=args.sampler,
-                enqueue=enqueue,
-                on_progress=progress,
-                worker_info=worker_info,
-                study_attrs={"measurer": record},
-            )
+            r = run.search(measurer, enqueue=enqueue, on_progress=progress)
             progress(r)
             results.append((r, space))
+            if r.new_measurements == 0 and r.n_mine >= args.trials:
+                err.print(
+                    escape(
+                        f"{s.label()}: worker slot #{r.worker} had spent its budget of {args.trials} in an earlier "
+                        "run (a run resumes a slot; to measure more, raise --trials)"
+                    )
+                )
             if not err.is_terminal and not args.quiet:  # a log: one line per finished study
                 best = f"best {r.best.latency_us:.2f} us {r.best.config.short()}" if r.best else "no feasible config"
                 err.print(
@@ -572,15 +630,6 @@ def _tune(args: argparse.Namespace, measurer: Any, dtype: str, shapes: list, gri
                         f"{r.n_measured} in study ({r.n_failed} failed), {best}, {r.wall_s:.0f} s"
                     )
                 )
-
-    report, fronts, notes = None, [], []
-    if not args.no_db:
-        records = {r.study_name: record for r, _ in results}
-        report, fronts, notes, results = _write_db(args, gpu, dtype, results, records, storage, storage_desc, err)
-    _summary(args, gpu, provenance.get("source"), results, out)
-    _report_db(out, report, fronts, notes)
-    out.print(f"wall time {time.monotonic() - t_start:.1f} s")
-    return 0 if all(r.best is not None for r, _ in results) else 1
 
 
 def _export(args: argparse.Namespace, shapes: list) -> int:
@@ -674,7 +723,7 @@ def _run_devices(args: argparse.Namespace, argv: list[str], shapes: list) -> int
     storage, storage_desc = _open_storage(args)
     labels = [w for w, _ in workers]
     table = Table(title=f"qflash-tune --devices {args.devices}: {len(workers)} workers on {gpu}, wall {wall:.1f} s")
-    for col in ("workload", "batch", "measured", *labels, "best config", "us", "DB written by"):
+    for col in ("workload", "batch", "measured", *labels, "other hosts", "best config", "us", "DB written by"):
         table.add_column(col, justify="left" if col in ("workload", "best config", "DB written by") else "right")
     backend = None
     for s, space, name, _ in _plans(args, gpu, dtype, shapes, grid, enqueue_db=False):
@@ -686,12 +735,14 @@ def _run_devices(args: argparse.Namespace, argv: list[str], shapes: list) -> int
 
         backend = backend or _backend(storage)
         written = backend.get_study_user_attrs(r.study_id).get(study.DB_WRITTEN) or {}
-        per = r.measured_per("device")
+        host = socket.gethostname()
+        per = {d: n for (h, d), n in r.measured_per("host", "device").items() if h == host}
         table.add_row(
             s.workload,
             str(s.batch),
             f"{r.n_measured}/{r.space_size}",
             *(str(per.get(w, 0)) for w in labels),
+            str(r.n_measured - sum(per.values())),
             r.best.config.short() if r.best else "-",
             _fmt_us(r.best.latency_us if r.best else None),
             str(written.get("device") or written.get("by") or "-"),

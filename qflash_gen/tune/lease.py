@@ -14,15 +14,17 @@ created by the process that takes it and deleted when it is released.  The kinds
 * ``config:<config hash>`` -- held while that config is measured.  The holder tells its trial
   *before* it releases the lease, and a process that wins the lease re-reads the finished trials
   *after* winning it, so a config measured meanwhile is seen and not measured again.
-* ``worker:<k>`` -- worker slot k, held while a process runs the study.  ``--trials`` is the
-  budget of one slot: the configs measured by trials tagged ``worker = k``.  A process takes a
-  slot whose holder died (it resumes that worker's budget), else the lowest free slot.  So a dead
-  worker's slot lease is only reaped by the process that takes it over: until then it marks a
-  budget left unfinished.
+* ``worker:<k>`` -- worker slot k, held from when a process opens the study until it is done
+  with it (``qflash-tune`` opens all its studies when it starts).  ``--trials`` is the budget of
+  one slot: the configs measured by trials tagged ``worker = k``.  A process takes a slot whose
+  holder died (it resumes that worker's budget), else the lowest free slot.  So a dead worker's
+  slot lease is only reaped by the process that takes it over: until then it marks a budget
+  left unfinished.
 * ``export:db`` -- held while one process writes the study's winner into the YAML DB.
 
-The holder (host, pid, a per-process token, the trial number it measures, a heartbeat time) is stored on
-the lease as the study user attr ``holder`` and refreshed every :data:`HEARTBEAT_S` by a thread.
+The holder (host, pid, a per-process token, the trial number it measures, a heartbeat time) is
+stored on the lease as the study user attr ``holder`` and refreshed every :data:`HEARTBEAT_S` by
+a thread.
 A holder is dead when, on this host, its pid is gone (or is this process's pid with another
 token: a pid reused after a kill), or, on any host, its heartbeat is older than :data:`STALE_S`
 (a killed host or a frozen process; hosts' clocks must agree to well within that, e.g. NTP).  A
@@ -67,9 +69,12 @@ def is_lease_name(name: str) -> bool:
 
 
 def _backend(storage: Any) -> optuna.storages.BaseStorage:
-    """The storage itself: a URL becomes an RDBStorage (Optuna's cache layer is not needed here)."""
+    """The storage itself: a URL is opened as ``--storage`` opens it (the installed driver named,
+    concurrent table creation retried); Optuna's cache layer is not needed here."""
     if isinstance(storage, str):
-        return optuna.storages.RDBStorage(storage)
+        from qflash_gen.tune.storage import open_storage
+
+        return open_storage(storage)[0]
     return storage
 
 
@@ -251,6 +256,7 @@ class Leases:
             k, key = s.study_name[len(prefix) :].split(":", 1)
             if kind is None or k == kind:
                 holder = s.user_attrs.get("holder")
+                # FrozenStudy has no public id; _study_id is the storage's id (Optuna 3 to 5).
                 out.append(LeaseInfo(k, key, s._study_id, dict(holder) if holder else None))
         return out
 

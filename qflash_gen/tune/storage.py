@@ -57,10 +57,14 @@ def open_storage(spec: str | os.PathLike[str] | None = None) -> tuple[optuna.sto
     elif "://" in str(spec):
         url = str(spec)
         shown = _redact(url)
+        full = _with_driver(url)
         try:
-            storage = _open_rdb(_with_driver(url))
+            storage = _open_rdb(full)
         except Exception as exc:  # noqa: BLE001 - driver missing, bad URL, server down: all are usage errors
-            why = str(exc).replace(url, shown)
+            why = str(exc).replace(full, _redact(full)).replace(url, shown)
+            password = _password(url)
+            if password:
+                why = why.replace(password, "***")
             raise ValueError(
                 f"--storage {shown}: cannot open it: {type(exc).__name__}: {why}{_hint(url, exc)}"
             ) from None
@@ -97,7 +101,8 @@ def _with_driver(url: str) -> str:
     for module, dialect in drivers:
         if importlib.util.find_spec(module) is not None:
             return f"{dialect}{sep}{rest}"
-    return url  # none installed: let SQLAlchemy say so (the hint names the extra)
+    # none installed: let SQLAlchemy say so (the hint names the extra)
+    return f"postgresql{sep}{rest}" if scheme.lower() == "postgres" else url
 
 
 def _hint(url: str, exc: BaseException) -> str:
@@ -127,6 +132,11 @@ def _open_rdb(url: str) -> optuna.storages.RDBStorage:
                 raise
             time.sleep(0.2 + random.random() * (attempt + 1))
     raise AssertionError("unreachable")
+
+
+def _password(url: str) -> str | None:
+    creds, at, _ = url.partition("://")[2].rpartition("@")
+    return creds.split(":", 1)[1] if at and ":" in creds else None
 
 
 def _redact(url: str) -> str:

@@ -122,11 +122,13 @@ class StudyResult:
         """Distinct configs measured under this process's worker slot (its budget's progress)."""
         return self.by_worker.get(self.worker, 0) if self.worker is not None else self.n_measured
 
-    def measured_per(self, field: str) -> dict[Any, int]:
-        """Measured configs counted by a ``measured_by`` field (``device``, ``host``, ``worker``)."""
+    def measured_per(self, *fields: str) -> dict[Any, int]:
+        """Measured configs counted by ``measured_by`` fields (``device``, ``host``, ``worker``):
+        keyed by the value of one field, or by the tuple of several."""
         out: dict[Any, int] = {}
         for r in self.history:
-            value = (r.measured_by or {}).get(field)
+            by = r.measured_by or {}
+            value = by.get(fields[0]) if len(fields) == 1 else tuple(by.get(f) for f in fields)
             out[value] = out.get(value, 0) + 1
         return out
 
@@ -164,7 +166,9 @@ def make_sampler(name: SamplerName, seed: int | None, *, population_size: int = 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if name == "tpe":
-            return optuna.samplers.TPESampler(seed=seed, multivariate=True, **constraints)
+            # constant_liar: trials other workers are running count as bad guesses, so concurrent
+            # workers do not all propose the same region (Optuna 5's default; 4.x needs it said).
+            return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True, **constraints)
         if name == "random":
             return optuna.samplers.RandomSampler(seed=seed)
         if name == "nsga2":
@@ -416,10 +420,11 @@ def load_result(
 ) -> StudyResult:
     """The result of the study ``name`` as stored now, measuring nothing (KeyError if absent)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = lease_mod._backend(storage)
     study = optuna.load_study(study_name=name, storage=storage)
     tracker = _Measured()
     tracker.refresh(study)
-    study_id = lease_mod._backend(storage).get_study_id_from_name(name)
+    study_id = storage.get_study_id_from_name(name)
     return _collect(
         study,
         tracker,
@@ -455,6 +460,7 @@ def run_study(
     """Search ``space`` for ``shape`` until this worker has measured ``budget`` distinct configs
     (or the space is exhausted), in the study ``name`` on ``storage`` (created or resumed),
     alongside any other workers on the same study (see the module doc, rules 3-5).
+    :func:`open_study` then :meth:`StudyRun.search`.
 
     Args:
         enqueue: configs to try first (the DB's current best, the safe default), if the space
@@ -469,17 +475,56 @@ def run_study(
         study_attrs: study user attributes to set (how the measurements are taken, for an export
             of the DB entry by another process).
     """
+    run = open_study(
+        shape,
+        space,
+        storage=storage,
+        name=name,
+        budget=budget,
+        objective=objective,
+        sqnr_floor=sqnr_floor,
+        seed=seed,
+        sampler=sampler,
+        worker_info=worker_info,
+        study_attrs=study_attrs,
+    )
+    with run:
+        return run.search(
+            measurer, enqueue=enqueue, on_progress=on_progress, should_stop=should_stop, max_asks=max_asks
+        )
+
+
+def open_study(
+    shape: ShapeSpec,
+    space: SearchSpace,
+    *,
+    storage: optuna.storages.BaseStorage | str,
+    name: str,
+    budget: int,
+    objective: Objective = "latency",
+    sqnr_floor: float = DEFAULT_SQNR_FLOOR,
+    seed: int | None = 0,
+    sampler: SamplerName | None = None,
+    worker_info: Mapping[str, Any] | None = None,
+    study_attrs: Mapping[str, Any] | None = None,
+) -> StudyRun:
+    """Create or load the study and take a worker slot in it (see :func:`run_study`).
+
+    ``qflash-tune`` opens all its studies before it searches the first, so that workers started
+    together hold one slot each in every study, however far apart their progress drifts: a
+    worker that reached a study late still spends its own budget there, instead of taking over
+    the slot of one that already finished it (which is what a *rerun* does, by design)."""
     if objective not in OBJECTIVES:
         raise ValueError(f"--objective {objective!r} is unknown; choose one of {OBJECTIVES}")
     if budget < 1:
         raise ValueError(f"--trials {budget} must be >= 1")
-    t0 = time.monotonic()
     sampler = sampler or ("nsga2" if is_pareto(objective) else "tpe")
     directions = [_AXIS_DIRECTION[a] for a in PARETO_AXES[objective]] if is_pareto(objective) else ["minimize"]
     population = max(4, min(50, budget // 4))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    backend = lease_mod._backend(storage)
     study = optuna.create_study(
-        storage=storage,
+        storage=backend,
         study_name=name,
         sampler=make_sampler(sampler, seed, population_size=population),
         directions=directions,
@@ -493,38 +538,98 @@ def run_study(
         study.set_user_attr(key, value)
     storage_mod.fail_abandoned(study)
 
-    backend = lease_mod._backend(storage)
     study_id = backend.get_study_id_from_name(name)
     info = {k: v for k, v in (worker_info or {}).items() if k in ("device", "device_name")}
-    with lease_mod.Leases(backend, study_id, info=info) as leases:
+    leases = lease_mod.Leases(backend, study_id, info=info)
+    try:
         slot = leases.claim_slot()  # before reaping: a dead worker's slot is resumed, not freed
         leases.info["worker"] = slot
         leases.reap_dead()  # config leases of dead workers: their configs are free again
         if not leases.live(lease_mod.WORKER):
             _fail_strays(study)
-        if slot and seed is not None:
-            study.sampler = make_sampler(sampler, seed + slot, population_size=population)
-        measured_by = {"worker": slot, "host": storage_mod.owner_tag().rpartition(":")[0], **(worker_info or {})}
-        return _search(
-            study,
-            leases,
-            shape,
-            measurer,
-            space,
-            slot=slot,
-            study_id=study_id,
-            name=name,
-            budget=budget,
-            objective=objective,
-            sqnr_floor=sqnr_floor,
-            seed=seed,
-            enqueue=enqueue,
-            on_progress=on_progress,
-            should_stop=should_stop,
-            max_asks=max_asks if max_asks is not None else 20 * budget + 200,
-            measured_by=measured_by,
-            t0=t0,
-        )
+    except BaseException:
+        leases.close()
+        raise
+    if slot and seed is not None:
+        study.sampler = make_sampler(sampler, seed + slot, population_size=population)
+    measured_by = {"worker": slot, "host": storage_mod.owner_tag().rpartition(":")[0], **(worker_info or {})}
+    return StudyRun(
+        study=study,
+        leases=leases,
+        shape=shape,
+        space=space,
+        slot=slot,
+        study_id=study_id,
+        name=name,
+        budget=budget,
+        objective=objective,
+        sqnr_floor=sqnr_floor,
+        seed=seed,
+        measured_by=measured_by,
+    )
+
+
+@dataclasses.dataclass
+class StudyRun:
+    """A study opened by this worker (:func:`open_study`), holding worker slot ``slot`` until
+    :meth:`close` (or the end of :meth:`search`)."""
+
+    study: optuna.Study
+    leases: lease_mod.Leases
+    shape: ShapeSpec
+    space: SearchSpace
+    slot: int
+    study_id: int
+    name: str
+    budget: int
+    objective: str
+    sqnr_floor: float
+    seed: int | None
+    measured_by: dict[str, Any]
+
+    def search(
+        self,
+        measurer: Measurer,
+        *,
+        enqueue: Sequence[KernelConfig] = (),
+        on_progress: Callable[[StudyResult], None] | None = None,
+        should_stop: Callable[[list[TrialRecord]], bool] | None = None,
+        max_asks: int | None = None,
+    ) -> StudyResult:
+        """Run the search (the module doc's rules), then give the slot back."""
+        try:
+            return _search(
+                self.study,
+                self.leases,
+                self.shape,
+                measurer,
+                self.space,
+                slot=self.slot,
+                study_id=self.study_id,
+                name=self.name,
+                budget=self.budget,
+                objective=self.objective,
+                sqnr_floor=self.sqnr_floor,
+                seed=self.seed,
+                enqueue=enqueue,
+                on_progress=on_progress,
+                should_stop=should_stop,
+                max_asks=max_asks if max_asks is not None else 20 * self.budget + 200,
+                measured_by=self.measured_by,
+                t0=time.monotonic(),
+            )
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Release the worker slot (and any lease still held); idempotent."""
+        self.leases.close()
+
+    def __enter__(self) -> StudyRun:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _search(
@@ -748,8 +853,8 @@ def claim_db_write(
     try:
         if not running:  # the last worker: tidy up after dead ones
             leases.reap_dead(wait=True)
-            _fail_strays(optuna.load_study(study_name=name, storage=storage))
-        result = load_result(storage, name, shape, space, objective=objective, sqnr_floor=sqnr_floor)
+            _fail_strays(optuna.load_study(study_name=name, storage=backend))
+        result = load_result(backend, name, shape, space, objective=objective, sqnr_floor=sqnr_floor)
         mark = {"measured": result.n_measured, "best_trial": result.best.number if result.best else None}
         last = backend.get_study_user_attrs(study_id).get(DB_WRITTEN) or {}
         if not force and all(last.get(k) == v for k, v in mark.items()):
