@@ -1094,7 +1094,12 @@ def load_histories(storage_spec: str, pattern: str) -> list[StudyHistory]:
         storage, _ = open_storage(storage_spec)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+    # qflash-lease:* studies are the distributed tuner's claims (tune/lease.py), not tuning runs.
+    names = [
+        s.study_name
+        for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
+        if not s.study_name.startswith("qflash-lease:")
+    ]
     chosen = [n for n in names if n == pattern] or [n for n in names if fnmatch.fnmatchcase(n, pattern)]
     if not chosen:
         listing = "\n  ".join(sorted(names)) or "(none)"
@@ -1105,7 +1110,7 @@ def load_histories(storage_spec: str, pattern: str) -> list[StudyHistory]:
         points: list[tuple[int, float, bool]] = []
         failed = 0
         for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
-            if t.state == TrialState.FAIL:
+            if t.state == TrialState.FAIL and "claimed_by" not in t.user_attrs:  # a lost claim is no failure
                 failed += 1
             if t.state != TrialState.COMPLETE or not t.values:
                 continue
