@@ -47,7 +47,14 @@ as_owner() {  # run a command as the server's owner
 
 running() {
     [ -f "$STATE/datadir" ] && [ -f "$STATE/url" ] || return 1
-    as_owner "$(cat "$STATE/bin")/pg_ctl" -D "$(cat "$STATE/datadir")" status >/dev/null 2>&1
+    as_owner "$(cat "$STATE/bin")/pg_ctl" -D "$(cat "$STATE/datadir")" status >/dev/null 2>&1 || return 1
+    # pg_ctl only checks the pid file; a server killed without cleanup (a session's end, kill -9)
+    # can leave a live-looking pid, so ask the port too.
+    python3 - "$(cat "$STATE/url")" <<'PY' >/dev/null 2>&1
+import socket, sys, urllib.parse
+u = urllib.parse.urlsplit(sys.argv[1])
+socket.create_connection((u.hostname, u.port), timeout=2).close()
+PY
 }
 
 free_port() {
