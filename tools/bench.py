@@ -91,20 +91,27 @@ def _sdpa(backend: str):
     return run
 
 
-def bench_one(name: str, batch: int, config: KernelConfig | None, rows: list[dict], gpu: str) -> None:
+def _problem(name: str, batch: int, config: KernelConfig | None):
+    """The inputs every measurement of (workload, batch) shares: fp16 uniform [-4, 4) q, k, v (same
+    seed in every mode), the fp64 reference, the config (the DB's pick unless given), and the int8
+    tensors with their kernel constants."""
     shape = shape_of(name, batch)
-    b, h, n, d = shape
     g = torch.Generator(device="cuda").manual_seed(1234 + batch)
     q, k, v = ((torch.rand(shape, device="cuda", generator=g) * 8 - 4).half() for _ in range(3))
     ref = reference.float_attention(q, k, v)
     if config is None:
         kern = get_kernel(shape, dtype=torch.float16)  # the DB's pick for this fp16 workload
-        cfg, why = kern.config, kern.why
+        picked = (kern.config, kern.why)
     else:
-        cfg, why = config, "explicit"
+        picked = (config, "explicit")
     sq, sk, sv = (quant.dynamic_scale(t) for t in (q, k, v))
-    q8, k8, v8 = (quant.quantize(t, s) for t, s in ((q, sq), (k, sk), (v, sv)))
-    params = quant.make_params(sq, sk, sv, head_dim=d)
+    q8s = tuple(quant.quantize(t, s) for t, s in ((q, sq), (k, sk), (v, sv)))
+    params = quant.make_params(sq, sk, sv, head_dim=shape[3])
+    return shape, shape, (q, k, v), ref, picked, q8s, params
+
+
+def bench_one(name: str, batch: int, config: KernelConfig | None, rows: list[dict], gpu: str) -> None:
+    shape, (b, h, n, d), (q, k, v), ref, (cfg, why), (q8, k8, v8), params = _problem(name, batch, config)
     out8 = torch.empty(shape, dtype=torch.int8, device="cuda")
     out16 = torch.empty(shape, dtype=torch.float16, device="cuda")
 
@@ -184,19 +191,7 @@ def bench_energy(
     interleaved in each round with one shared idle span (see qflash_gen/energy.py for the method)."""
     from qflash_gen import energy
 
-    shape = shape_of(name, batch)
-    b, h, n, d = shape
-    g = torch.Generator(device="cuda").manual_seed(1234 + batch)  # the inputs of bench_one
-    q, k, v = ((torch.rand(shape, device="cuda", generator=g) * 8 - 4).half() for _ in range(3))
-    ref = reference.float_attention(q, k, v)
-    if config is None:
-        kern = get_kernel(shape, dtype=torch.float16)
-        cfg, why = kern.config, kern.why
-    else:
-        cfg, why = config, "explicit"
-    sq, sk, sv = (quant.dynamic_scale(t) for t in (q, k, v))
-    q8, k8, v8 = (quant.quantize(t, s) for t, s in ((q, sq), (k, sk), (v, sv)))
-    params = quant.make_params(sq, sk, sv, head_dim=d)
+    shape, (b, h, n, d), (q, k, v), ref, (cfg, why), (q8, k8, v8), params = _problem(name, batch, config)
     out16 = torch.empty(shape, dtype=torch.float16, device="cuda")
 
     def kern16():

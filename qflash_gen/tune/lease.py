@@ -49,6 +49,8 @@ from optuna.exceptions import DuplicatedStudyError
 from optuna.study import StudyDirection
 from optuna.trial import TrialState
 
+from qflash_gen.tune.storage import _pid_alive
+
 PREFIX = "qflash-lease"
 HEARTBEAT_S = 30.0  # how often a holder refreshes its leases
 STALE_S = 300.0  # a holder silent this long is dead (10 heartbeats)
@@ -76,16 +78,6 @@ def _backend(storage: Any) -> optuna.storages.BaseStorage:
 
         return open_storage(storage)[0]
     return storage
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def holder_alive(holder: Mapping[str, Any] | None, now: float | None = None) -> bool:
