@@ -14,10 +14,10 @@ import json
 from typing import Any, Literal
 
 ExpVariant = Literal["shift", "idiv", "poly2", "lut"]
-Rescale = Literal["shift", "idiv"]
+Rescale = Literal["shift", "idiv", "split"]
 
 EXP_VARIANTS: tuple[str, ...] = ("shift", "idiv", "poly2", "lut")
-RESCALES: tuple[str, ...] = ("shift", "idiv")
+RESCALES: tuple[str, ...] = ("shift", "idiv", "split")
 ACC_BITS: tuple[int, ...] = (32, 64)
 BLOCK_M_VALUES: tuple[int, ...] = (16, 32, 64, 128)
 BLOCK_N_VALUES: tuple[int, ...] = (32, 64, 128, 256)
@@ -25,11 +25,15 @@ NUM_WARPS_VALUES: tuple[int, ...] = (1, 2, 4, 8)
 NUM_STAGES_VALUES: tuple[int, ...] = (1, 2, 3, 4)
 RESCALE_BITS_RANGE: tuple[int, int] = (1, 15)  # alpha is produced in Q15, so 15 is exact
 LUT_BITS_RANGE: tuple[int, int] = (2, 8)
+# Width of the softmax numerator fed to P @ V: 7 = one int8 (0..127, the paper's), 14 = two int8
+# halves (hi * 128 + lo, 0..16383) and one more int8 MMA.
+P_BITS_VALUES: tuple[int, ...] = (7, 14)
 
 # Largest R = round(1/S) the kernel accepts; quant.py saturates to it (see quant.R_MAX).
 R_MAX = 65535
-# Magnitude bounds used by the overflow check: |v| <= 128 and every p8 <= 127.
-P_MAX = 127
+# Magnitude bounds used by the overflow check: |v| <= 128, |q|, |k| <= 128, and every softmax
+# numerator p <= config.p_max (127 or 16383).
+P_MAX = 127  # p_max of the paper's 7-bit P (p_bits=7)
 V_ABS_MAX = 128
 Q_ABS_MAX = 128
 
@@ -48,11 +52,18 @@ class KernelConfig:
             fraction), ``lut`` (``2**lut_bits``-entry table on the fraction).
         acc_bits: width of the running sum ``l``, the accumulator ``acc`` and rescale products.
         rescale: how ``acc`` and ``l`` are multiplied by ``alpha = 2**((m_old - m_new)/R)``:
-            ``shift`` (alpha rounded to Q``rescale_bits``, multiply, shift) or ``idiv``
-            (alpha at scale R, multiply, integer-divide by R).
+            ``shift`` (alpha rounded to Q``rescale_bits``, multiply, shift), ``idiv``
+            (alpha at scale R, multiply, integer-divide by R) or ``split`` (the exact Q15
+            product of ``shift`` with 15 bits, computed on the high and low 15-bit halves of
+            ``|x|`` so no intermediate exceeds ``|x|``: int32 holds it for any int32 ``acc``).
         rescale_bits: fraction bits of alpha for ``rescale="shift"`` (1..15); must be 0 with
-            ``rescale="idiv"``, which does not use it.
+            ``rescale="idiv"`` or ``"split"``, which do not use it.
         lut_bits: table index bits for ``exp_variant="lut"``; must be 0 for other variants.
+        p_bits: width of the softmax numerator ``p`` fed to ``P @ V``: 7 (``p`` in 0..127, one
+            int8 MMA: the paper's kernel) or 14 (``p`` in 0..16383 split into two int8 halves,
+            two MMAs: small probabilities of peaked rows survive; see docs/fidelity.md).
+            The field defaults to 7 so that configs recorded before it existed read unchanged;
+            ``DEFAULT_CONFIG`` uses 14.
     """
 
     block_m: int = 64
@@ -64,6 +75,7 @@ class KernelConfig:
     rescale: Rescale = "shift"
     rescale_bits: int = 8
     lut_bits: int = 0
+    p_bits: int = 7
 
     def __post_init__(self) -> None:
         def bad(field: str, value: Any, allowed: str) -> ValueError:
@@ -90,13 +102,20 @@ class KernelConfig:
         lo, hi = RESCALE_BITS_RANGE
         if self.rescale == "shift" and not lo <= self.rescale_bits <= hi:
             raise bad("rescale_bits", self.rescale_bits, f"{lo}..{hi} with rescale='shift'")
-        if self.rescale == "idiv" and self.rescale_bits != 0:
-            raise bad("rescale_bits", self.rescale_bits, "0 with rescale='idiv' (it is unused)")
+        if self.rescale != "shift" and self.rescale_bits != 0:
+            raise bad("rescale_bits", self.rescale_bits, f"0 with rescale={self.rescale!r} (it is unused)")
         lo, hi = LUT_BITS_RANGE
         if self.exp_variant == "lut" and not lo <= self.lut_bits <= hi:
             raise bad("lut_bits", self.lut_bits, f"{lo}..{hi} with exp_variant='lut'")
         if self.exp_variant != "lut" and self.lut_bits != 0:
             raise bad("lut_bits", self.lut_bits, "0 unless exp_variant='lut'")
+        if self.p_bits not in P_BITS_VALUES:
+            raise bad("p_bits", self.p_bits, f"one of {P_BITS_VALUES}")
+
+    @property
+    def p_max(self) -> int:
+        """Largest softmax numerator p: 127 (p_bits=7) or 16383 (p_bits=14)."""
+        return (1 << self.p_bits) - 1
 
     # -- plain-mapping round trip (what YAML and Optuna see) -------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -125,14 +144,16 @@ class KernelConfig:
     def short(self) -> str:
         """One-line human summary, e.g. for tables and logs."""
         extra = f"/lut{self.lut_bits}" if self.exp_variant == "lut" else ""
-        rs = f"shift{self.rescale_bits}" if self.rescale == "shift" else "idiv"
+        rs = f"shift{self.rescale_bits}" if self.rescale == "shift" else self.rescale
         return (
             f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}"
-            f" exp={self.exp_variant}{extra} acc{self.acc_bits} rescale={rs}"
+            f" exp={self.exp_variant}{extra} acc{self.acc_bits} rescale={rs} p{self.p_bits}"
         )
 
 
-DEFAULT_CONFIG = KernelConfig()
+# The untuned default: 14-bit P (7 bits lose up to 8 dB on the peaked attention of trained ViTs,
+# docs/fidelity.md) with the overflow-free exact rescale, so int32 holds N up to 1023.
+DEFAULT_CONFIG = KernelConfig(p_bits=14, rescale="split", rescale_bits=0)
 
 
 def single_pass(config: KernelConfig, n_ctx: int) -> bool:
@@ -143,21 +164,28 @@ def single_pass(config: KernelConfig, n_ctx: int) -> bool:
 def accumulator_bounds(config: KernelConfig, n_ctx: int, head_dim: int) -> dict[str, int]:
     """Largest magnitudes reached inside the kernel for a workload (adversarial int8 inputs).
 
-    ``acc`` holds sums of ``p8 * v`` over all keys (rescaling only shrinks older terms), ``l``
-    sums of ``p8``; the rescale product is ``|acc| * alpha`` before the shift or division.
+    ``acc`` holds sums of ``p * v`` over all keys (rescaling only shrinks older terms), ``l``
+    sums of ``p``; the rescale product is ``|acc| * alpha`` before the shift or division (for
+    ``split``, the larger of its two partial products); ``acc_round`` is ``|acc| + l / 2``, the
+    rounding numerator of the int8 output.
     """
-    acc = n_ctx * P_MAX * V_ABS_MAX
+    p_max = config.p_max
+    acc = n_ctx * p_max * V_ABS_MAX
+    l_max = n_ctx * p_max
     if single_pass(config, n_ctx):
         product = 0  # no rescale code runs
     elif config.rescale == "shift":
         product = acc * (1 << config.rescale_bits) + (1 << (config.rescale_bits - 1))
+    elif config.rescale == "split":
+        product = max((acc >> 15) << 15, (1 << 15) * ((1 << 15) - 1) + (1 << 14))
     else:
         product = acc * R_MAX + R_MAX // 2
     return {
         "score": head_dim * Q_ABS_MAX * Q_ABS_MAX,
         "acc": acc,
-        "l": n_ctx * P_MAX,
+        "l": l_max,
         "rescale_product": product,
+        "acc_round": acc + l_max // 2,
     }
 
 
@@ -167,12 +195,12 @@ def check_workload(config: KernelConfig, n_ctx: int, head_dim: int) -> None:
     bounds = accumulator_bounds(config, n_ctx, head_dim)
     if bounds["score"] > (1 << 31) - 1:
         raise ValueError(f"head_dim={head_dim} overflows the int32 score Q@K^T")
-    for name in ("acc", "l", "rescale_product"):
+    for name in ("acc", "l", "rescale_product", "acc_round"):
         if bounds[name] > limit:
             raise ValueError(
                 f"{config.short()} overflows int{config.acc_bits} at N={n_ctx}: "
                 f"|{name}| can reach {bounds[name]} > {limit}; use acc_bits=64"
-                + (" or fewer rescale_bits" if config.rescale == "shift" else "")
+                + (" or rescale='split'" if name == "rescale_product" else "")
             )
 
 

@@ -30,7 +30,7 @@ class KernelParams:
     """Device tensors the kernel reads at start (so scales can change without recompiling).
 
     ints:   int32 [R, MQ, HF, 0] with MQ = floor(2**26 / R), HF = floor(2**30 / R)
-    floats: float32 [OUT_MUL, 0]  with OUT_MUL = sv / 2**OUT_FRAC_BITS (float outputs only)
+    floats: float32 [OUT_MUL, 0]  with OUT_MUL = sv (float outputs only: out = acc * (OUT_MUL / l))
     """
 
     ints: torch.Tensor
@@ -57,12 +57,8 @@ def make_params(
     scale: float | None = None,
     *,
     device: torch.device | str | None = None,
-    out_frac_bits: int | None = None,
 ) -> KernelParams:
     """Integer constants for scales ``sq, sk, sv`` (floats or 0-d device tensors; no sync)."""
-    from qflash_gen.codegen import OUT_FRAC_BITS
-
-    frac = OUT_FRAC_BITS if out_frac_bits is None else out_frac_bits
     if device is None:
         device = next((t.device for t in (sq, sk, sv) if isinstance(t, torch.Tensor)), "cpu")
     device = torch.device(device)
@@ -76,7 +72,7 @@ def make_params(
     mq = (1 << 26) // r
     hf = (1 << 30) // r
     ints = torch.stack([r, mq, hf, torch.zeros_like(r)]).to(torch.int32)
-    out_mul = (_as_tensor(sv, device) / (1 << frac)).to(torch.float32)
+    out_mul = _as_tensor(sv, device).to(torch.float32)
     floats = torch.stack([out_mul, torch.zeros_like(out_mul)])
     return KernelParams(ints=ints, floats=floats)
 

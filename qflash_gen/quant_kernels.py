@@ -65,7 +65,7 @@ def _scale_of(AMAX_BITS, i):
 
 @triton.jit
 def _quantize3(
-    Q, K, V, Q8, K8, V8, AMAX_BITS, SCALES, INTS, FLOATS, n_elements, c_log2e_bits, out_div,
+    Q, K, V, Q8, K8, V8, AMAX_BITS, SCALES, INTS, FLOATS, n_elements, c_log2e_bits,
     R_MAX: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
@@ -94,7 +94,7 @@ def _quantize3(
         tl.store(INTS + 1, (1 << 26) // r)
         tl.store(INTS + 2, (1 << 30) // r)
         tl.store(INTS + 3, 0)
-        tl.store(FLOATS + 0, (sv.to(tl.float64) / out_div).to(tl.float32))
+        tl.store(FLOATS + 0, sv)  # OUT_MUL = sv
         tl.store(FLOATS + 1, 0.0)
 
 
@@ -111,8 +111,6 @@ def quantize_qkv(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int, scale: float | None = None
 ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor, KernelParams]:
     """(q8, k8, v8), scales float32[3], KernelParams for contiguous float q, k, v of one shape."""
-    from qflash_gen.codegen import OUT_FRAC_BITS
-
     c = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     if not math.isfinite(c) or c <= 0:
         raise ValueError(f"scale={scale!r} must be a positive finite softmax scale")
@@ -127,6 +125,6 @@ def quantize_qkv(
     _absmax3[grid](q, k, v, amax_bits, n, BLOCK=BLOCK)
     _quantize3[grid](
         q, k, v, q8, k8, v8, amax_bits, scales, ints, floats, n,
-        _f64_bits(c * LOG2E), float(1 << OUT_FRAC_BITS), R_MAX=R_MAX, BLOCK=BLOCK,
+        _f64_bits(c * LOG2E), R_MAX=R_MAX, BLOCK=BLOCK,
     )  # fmt: skip
     return (q8, k8, v8), scales, KernelParams(ints=ints, floats=floats)

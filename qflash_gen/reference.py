@@ -3,7 +3,7 @@
 `reference_int8` follows the kernel's key-tile schedule (tiles of ``config.block_n``; one tile
 when ``block_n >= N``), its integer exp2 variant, its rescale strategy and its rounding, in int64
 torch on whatever device the inputs are on.  Matrix products go through float64, which is exact
-here (|q.k| <= D * 2**14, |p8 . v| <= block_n * 127 * 128, far below 2**53), so the same code
+here (|q.k| <= D * 2**14, |p . v| <= block_n * 16383 * 128, far below 2**53), so the same code
 runs on CPU and CUDA.  With ``acc_bits=32`` it also checks every intermediate against the int32
 range and raises OverflowError where the kernel would wrap.
 """
@@ -14,7 +14,6 @@ import math
 
 import torch
 
-from qflash_gen.codegen import OUT_FRAC_BITS
 from qflash_gen.config import KernelConfig, single_pass
 from qflash_gen.quant import KernelParams
 
@@ -61,14 +60,34 @@ def exp2_q15(y: torch.Tensor, ints: torch.Tensor, config: KernelConfig, lut: tor
     return g >> q
 
 
-def requant_p8(e: torch.Tensor) -> torch.Tensor:
-    return (e * 127 + 16384) >> 15
+def requant_p(e: torch.Tensor, config: KernelConfig) -> torch.Tensor:
+    """Q15 weight -> softmax numerator 0..p_max, rounded half up (the template's _requant_p)."""
+    return (e * config.p_max + 16384) >> 15
+
+
+def softmax_p(y: torch.Tensor, ints: torch.Tensor, config: KernelConfig, lut: torch.Tensor | None = None):
+    """The numerator p ~= p_max * 2**(-y/R) fed to P @ V (templates/exp2.py.jinja's _softmax_p)."""
+    if config.exp_variant != "shift":
+        return requant_p(exp2_q15(y, ints, config, lut), config)
+    if bool((y < 0).any()):
+        raise ValueError("softmax_p expects y >= 0")
+    r_, mq = (ints[i].to(torch.int64) for i in range(2))
+    hp = (config.p_max * 16384 + (r_ >> 1)) // r_
+    y = torch.minimum(y, 16 * r_ - 1)
+    q = (y * mq) >> 26
+    t = config.p_max * 32768 - (y - q * r_) * hp
+    return ((t >> q) + 16384) >> 15
 
 
 def rescale(x: torch.Tensor, alpha: torch.Tensor, ints: torch.Tensor, config: KernelConfig) -> torch.Tensor:
     """x * alpha / 2**15 rounded half away from zero (templates/rescale.py.jinja, exactly)."""
     mag = x.abs()
-    if config.rescale == "shift":
+    if config.rescale == "split":
+        # the exact Q15 product, as shift with 15 bits; the kernel forms it from the 15-bit halves
+        # of |x| (mag >> 15) * alpha and ((mag & 32767) * alpha + 2**14) >> 15, never above |x|
+        _check((mag >> 15) * alpha, config, "rescale product")
+        mag = (mag >> 15) * alpha + (((mag & 32767) * alpha + 16384) >> 15)
+    elif config.rescale == "shift":
         b = config.rescale_bits
         a = alpha if b == 15 else (alpha + (1 << (14 - b))) >> (15 - b)
         prod = mag * a + (1 << (b - 1))
@@ -128,31 +147,31 @@ def reference_int8(
             valid = torch.ones_like(s, dtype=torch.bool)
         m_new = torch.maximum(m, torch.where(valid, s, NEG).amax(-1))
         y = torch.where(valid, m_new[..., None] - s, 0)
-        p8 = torch.where(valid, requant_p8(exp2_q15(y, ints, config, lut)), 0)
-        pv = _mm(p8, v8[..., cols, :])
+        p = torch.where(valid, softmax_p(y, ints, config, lut), 0)
+        pv = _mm(p, v8[..., cols, :])  # the kernel's (p_hi @ v) * 128 + p_lo @ v is this, exactly
         if one_tile:
-            l_, acc = p8.sum(-1), pv
+            l_, acc = p.sum(-1), pv
         else:
             alpha = exp2_q15(m_new - m, ints, config, lut)
-            l_ = rescale(l_, alpha, ints, config) + p8.sum(-1)
+            l_ = rescale(l_, alpha, ints, config) + p.sum(-1)
             acc = rescale(acc, alpha[..., None], ints, config) + pv
         _check(acc, config, "acc")
         m = m_new
 
-    has_l = (l_ > 0)[..., None]
-    den = torch.where(has_l, l_[..., None], 1)
-    mag = acc.abs()
+    has_l = l_ > 0
     if out_dtype == torch.int8:
-        o = (2 * mag + den) // (2 * den)
+        den = torch.where(has_l, l_, 1)[..., None]
+        mag = acc.abs()
+        _check(mag + (den >> 1), config, "int8 output rounding")
+        o = (mag + (den >> 1)) // den
         o = torch.where(acc < 0, -o, o).clamp(-128, 127)
-        return torch.where(has_l, o, 0).to(torch.int8)
-    whole = mag // den
-    rem = mag - whole * den
-    frac = ((rem << (OUT_FRAC_BITS + 1)) + den) // (2 * den)
-    fx = (whole << OUT_FRAC_BITS) + frac
-    fx = torch.where(has_l, torch.where(acc < 0, -fx, fx), 0)
+        return torch.where(has_l[..., None], o, 0).to(torch.int8)
+    # float32, as the kernel: one IEEE division per row, one conversion and multiply per output
     out_mul = params.floats[0].to(device=q8.device, dtype=torch.float32)
-    return (fx.to(torch.float32) * out_mul).to(out_dtype)
+    inv_l = out_mul / torch.where(has_l, l_, 1).to(torch.float32)
+    inv_l = torch.where(has_l, inv_l, torch.zeros((), dtype=torch.float32, device=q8.device))
+    of = acc.to(torch.float32) * inv_l[..., None]
+    return of.to(out_dtype)
 
 
 def float_attention(

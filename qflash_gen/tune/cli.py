@@ -95,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=sorted(GRIDS),
         help="search grid (default: tune; --exhaustive: sweep; --simulate: the table's)",
     )
+    p.add_argument(
+        "--p-bits",
+        metavar="B[,B]",
+        help="softmax-numerator widths to search: 14 (default of the tune grid), 7 (the paper's, "
+        "faster, loses accuracy on trained ViTs), or 7,14",
+    )
     p.add_argument("--simulate", metavar="FILE", help="replay a recorded table instead of measuring on a GPU")
     p.add_argument("--simulate-delay", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--exhaustive", action="store_true", help="measure every config of the grid (needs --record)")
@@ -225,10 +231,18 @@ def _grid(args: argparse.Namespace, measurer: Any):
     from qflash_gen.tune.space import Grid, get_grid
 
     if args.grid:
-        return get_grid(args.grid)
-    if isinstance(measurer, SimulatedMeasurer):
-        return Grid.from_configs(measurer.configs())
-    return get_grid("sweep" if args.exhaustive else "tune")
+        grid = get_grid(args.grid)
+    elif isinstance(measurer, SimulatedMeasurer):
+        grid = Grid.from_configs(measurer.configs())
+    else:
+        grid = get_grid("sweep" if args.exhaustive else "tune")
+    if getattr(args, "p_bits", None):
+        try:
+            bits = tuple(int(b) for b in args.p_bits.split(","))
+            grid = dataclasses.replace(grid, p_bits=bits)
+        except ValueError as exc:
+            raise UsageError(f"--p-bits {args.p_bits!r}: {exc}") from None
+    return grid
 
 
 # -- tuning ----------------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ SMEM_LIMITS: dict[str, int] = {
 
 # Simplicity order of the numeric choices (ties within noise go to the simpler config).
 _EXP_RANK = {"shift": 0, "idiv": 1, "poly2": 2, "lut": 3}
-_RESCALE_RANK = {"shift": 0, "idiv": 1}
+_RESCALE_RANK = {"shift": 0, "split": 1, "idiv": 2}
 
 
 def exp_token(config: KernelConfig) -> str:
@@ -61,8 +61,8 @@ def exp_token(config: KernelConfig) -> str:
 
 
 def rescale_token(config: KernelConfig) -> str:
-    """``rescale`` parameter value of a config: ``shift<b>`` or ``idiv``."""
-    return f"shift{config.rescale_bits}" if config.rescale == "shift" else "idiv"
+    """``rescale`` parameter value of a config: ``shift<b>``, ``split`` or ``idiv``."""
+    return f"shift{config.rescale_bits}" if config.rescale == "shift" else config.rescale
 
 
 def parse_exp(token: str) -> tuple[str, int]:
@@ -82,15 +82,15 @@ def parse_exp(token: str) -> tuple[str, int]:
 
 def parse_rescale(token: str) -> tuple[str, int]:
     """``"shift8"`` → ``("shift", 8)``, ``"idiv"`` → ``("idiv", 0)``; ValueError otherwise."""
-    if token == "idiv":
-        return "idiv", 0
+    if token in ("idiv", "split"):
+        return token, 0
     if token.startswith("shift") and token[5:].isdigit():
         bits = int(token[5:])
         lo, hi = cfgmod.RESCALE_BITS_RANGE
         if lo <= bits <= hi:
             return "shift", bits
     raise ValueError(
-        f"rescale choice {token!r} is not supported; expected idiv or shift<b> with b in "
+        f"rescale choice {token!r} is not supported; expected idiv, split or shift<b> with b in "
         f"{cfgmod.RESCALE_BITS_RANGE[0]}..{cfgmod.RESCALE_BITS_RANGE[1]}"
     )
 
@@ -104,8 +104,11 @@ class Grid:
     num_warps: tuple[int, ...] = cfgmod.NUM_WARPS_VALUES
     num_stages: tuple[int, ...] = cfgmod.NUM_STAGES_VALUES
     exp: tuple[str, ...] = ("shift", "idiv", "poly2", "lut4", "lut6", "lut8")
-    rescale: tuple[str, ...] = ("shift6", "shift8", "shift10", "shift12", "shift15", "idiv")
+    rescale: tuple[str, ...] = ("split", "shift6", "shift8", "shift10", "shift12", "shift15", "idiv")
     acc_bits: tuple[int, ...] = ()
+    # 14-bit P by default: the 7-bit P passes the SQNR floor on random inputs but loses up to
+    # 8 dB on trained ViTs' peaked attention (docs/fidelity.md); `--p-bits 7,14` lets it compete.
+    p_bits: tuple[int, ...] = (14,)
 
     def __post_init__(self) -> None:
         allowed = {
@@ -114,6 +117,7 @@ class Grid:
             "num_warps": cfgmod.NUM_WARPS_VALUES,
             "num_stages": cfgmod.NUM_STAGES_VALUES,
             "acc_bits": cfgmod.ACC_BITS,
+            "p_bits": cfgmod.P_BITS_VALUES,
         }
         for name, ok in allowed.items():
             values = getattr(self, name)
@@ -154,6 +158,7 @@ class Grid:
             exp=values("exp", exp_token),
             rescale=values("rescale", rescale_token),
             acc_bits=() if accs == (32,) or _acc_is_derived(configs) else accs,
+            p_bits=tuple(sorted(values("p_bits"))),
         )
 
 
@@ -177,6 +182,7 @@ GRIDS: dict[str, Grid] = {
         num_stages=(1, 2, 3),
         exp=("shift", "poly2"),
         rescale=("shift8",),
+        p_bits=(7,),  # recorded before the 14-bit P existed
     ),
     # A quick look (a few dozen configs per workload).
     "small": Grid(
@@ -228,6 +234,7 @@ def complexity(config: KernelConfig) -> tuple:
         config.block_m * config.block_n,
         config.lut_bits,
         config.rescale_bits,
+        config.p_bits,
     )
 
 
@@ -252,6 +259,7 @@ class SearchSpace:
             "num_stages": tuple(grid.num_stages),
             "exp": tuple(grid.exp),
             "rescale": tuple(grid.rescale),
+            "p_bits": tuple(grid.p_bits),
         }
         if grid.acc_bits:
             self.choices["acc_bits"] = tuple(grid.acc_bits)
@@ -281,6 +289,7 @@ class SearchSpace:
             rescale=rescale,
             rescale_bits=rescale_bits,
             acc_bits=int(values.get("acc_bits", 32)),
+            p_bits=int(values["p_bits"]),
         )
         if "acc_bits" not in values and not cfgmod.fits(base, self.n, self.d):
             base = base.replace(acc_bits=64)
@@ -317,6 +326,7 @@ class SearchSpace:
             "num_stages": config.num_stages,
             "exp": exp_token(config),
             "rescale": rescale_token(config),
+            "p_bits": config.p_bits,
         }
         if "acc_bits" in self.choices:
             values["acc_bits"] = config.acc_bits
