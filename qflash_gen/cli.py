@@ -92,10 +92,10 @@ def parse_config(text: str, base: KernelConfig = DEFAULT_CONFIG) -> KernelConfig
                 raise UsageError(f"KernelConfig.{name}={value!r} is not supported: expected an int") from None
         else:
             changes[name] = value
-    if changes.get("rescale") == "idiv" and "rescale_bits" not in changes:
+    if changes.get("rescale") in ("idiv", "split") and "rescale_bits" not in changes:
         changes["rescale_bits"] = 0
     if changes.get("rescale") == "shift" and "rescale_bits" not in changes and base.rescale_bits == 0:
-        changes["rescale_bits"] = DEFAULT_CONFIG.rescale_bits
+        changes["rescale_bits"] = 8  # the paper's Q8 alpha
     if "exp_variant" in changes and "lut_bits" not in changes:
         if changes["exp_variant"] == "lut" and base.lut_bits == 0:
             changes["lut_bits"] = 5  # DESIGN §8: k=5 is the documented starting point

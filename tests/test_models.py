@@ -7,6 +7,10 @@ scaled up (x4, logits x16) so the attention is peaked, not the near-uniform atte
 init.  Bound: cosine >= 0.999 against the unpatched float model (measured on CPU, torch 2.14.1:
 0.99996 ViT, 0.9998 Swin); a wrong window/mask mapping or a lost bias drops it far lower (see the
 window test's negative control).
+
+Calibration's exact transforms (k smoothing, channel equalization) are checked with the kernel
+replaced by float attention (the folded module must then equal the original to float rounding),
+and through the kernel (a shared k component costs accuracy without smoothing, not with it).
 """
 
 from __future__ import annotations
@@ -86,6 +90,13 @@ def test_vit_tiny_end_to_end(vit_tiny, device):
     assert set(scales) == {f"blocks.{i}.attn" for i in range(12)}
     assert all(s.shape == (3, 1) and s.dtype == torch.float32 and bool((s > 0).all()) for s in scales.values())
     assert all(m.scale_mode == "static" for m in models.patched_modules(model).values())
+    assert all(m.smooth_k and m.equalized for m in models.patched_modules(model).values())  # the defaults
+    with torch.no_grad():
+        static = model(x)
+    assert _cos(static, want) >= 0.999
+
+    models.calibrate(model, [_image((2, 3, 64, 64), s, device) for s in (2, 3)] + [x], per_head=True)
+    assert all(m.per_head for m in models.patched_modules(model).values())
     with torch.no_grad():
         static = model(x)
     assert _cos(static, want) >= 0.999
@@ -172,7 +183,8 @@ def test_window_static_bias_equals_dynamic_bits(device):
         b_, n, _ = x.shape
         q, k, v = patched.qkv(x).reshape(b_, n, 3, 3, 32).permute(2, 0, 3, 1, 4).unbind(0)
         scales = torch.stack([quant.dynamic_scale(t) for t in (q, k, v)]).reshape(3, 1)
-        models.calibrate(patched, [(x, mask)])  # sees the mask; scales replaced next
+        # sees the mask; scales replaced next (no transforms: q, k, v stay the dynamic path's)
+        models.calibrate(patched, [(x, mask)], smooth_k=False, equalize=False)
         patched.set_static_scales(scales)
         assert patched._bias_windows == mask.shape[0]
         static = patched(x, mask=mask)
@@ -184,7 +196,7 @@ def test_window_per_head_scales_match_a_per_head_loop(device):
     # An explicit config: on a GPU, config=None would let the DB pick per call shape, and the
     # per-head loop below calls with other shapes than the module.
     patched = models.QFlashWindowAttention(orig, config=DEFAULT_CONFIG, backend="reference")
-    models.calibrate(patched, [(x, mask)], per_head=True)
+    models.calibrate(patched, [(x, mask)], per_head=True, smooth_k=False, equalize=False)
     scales = patched.qflash_scales
     assert scales.shape == (3, 3)
     with torch.no_grad():
@@ -241,6 +253,139 @@ def test_vit_static_scales_equal_dynamic_bits_and_per_head(device):
         assert _cos(patched(x), orig(x)) >= 0.999
 
 
+# -- exact transforms: k smoothing and channel equalization ----------------------------------------
+def _float_core(module: models._QFlashBase) -> None:
+    """Replace the module's kernel call by float attention on the q, k, v the kernel would see."""
+
+    def core(q, k, v, attn_mask=None, float_bias=None, static_bias=None):
+        assert static_bias is None
+        bias = attn_mask if float_bias is None else (float_bias if attn_mask is None else float_bias + attn_mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=module.scale)
+
+    module._core = core
+
+
+def _transform_vit(kind: str) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    extra = {"qk_norm": True, "scale_norm": True, "gated": True, "norm_layer": nn.LayerNorm} if kind == "norms" else {}
+    orig = Attention(128, num_heads=2, qkv_bias=kind != "nobias", **extra).double().eval()
+    with torch.no_grad():
+        orig.qkv.weight[: 2 * 128] *= QK_GAIN
+        orig.qkv.weight[256:] *= torch.rand(128, 1, dtype=torch.float64) * 4  # uneven v channels
+        if orig.qkv.bias is not None:
+            orig.qkv.bias[128:256] += 8.0  # a k component shared by all tokens
+        for mod in orig.modules():
+            if isinstance(mod, nn.LayerNorm):
+                mod.weight.normal_(1.0, 0.5)
+                mod.bias.normal_(0.0, 0.5)
+    x = (torch.randn(2, 37, 128) + 2.0).double()  # a shared input component: shared k even without bias
+    return orig, x
+
+
+@pytest.mark.parametrize("kind", ["bias", "nobias", "norms"])
+def test_vit_transforms_are_exact_with_float_attention(kind):
+    """k smoothing and equalization, folded into the module's weights (or, behind qk_norm /
+    scale_norm / a gate, applied per call), leave the attention block's output unchanged when
+    the kernel is replaced by float attention; the timm parameters are not touched."""
+    orig, x = _transform_vit(kind)
+    before = {name: t.clone() for name, t in orig.state_dict().items()}
+    with torch.no_grad():
+        want = orig(x)
+        q, k, v = orig.qkv(x).reshape(2, 37, 3, 2, 64).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = orig.q_norm(q), orig.k_norm(k)
+    patched = models.QFlashAttention(orig, backend="reference")  # shares orig's parameters
+    models.calibrate(patched, [x], smooth_k=True, equalize=True)
+    assert all(torch.equal(before[name], t) for name, t in orig.state_dict().items())
+    assert patched.smooth_k and patched.equalized
+    assert patched.qflash_kmean.abs().max() > 1.0  # the shared component was found
+    assert not torch.allclose(patched.qflash_qk_eq, torch.ones(2, 64))
+    assert not torch.allclose(patched.qflash_v_eq, torch.ones(2, 64))
+    folded = kind != "norms"
+    assert ("(folded)" in repr(patched)) == folded and "smooth-k+equalize" in repr(patched)
+    assert ("qflash_proj_weight" in patched._buffers) == folded  # scale_norm: v's scale undone per call
+    _float_core(patched)
+    with torch.no_grad():
+        got = patched(x)
+        # the folded q, k, v directly: softmax(q'k'^T) v' * t == softmax(q k^T) v
+        qk, kk, vk = patched._kernel_qkv(x)
+        o = patched.from_kernel(F.scaled_dot_product_attention(qk, kk, vk, scale=patched.scale))
+        o_ref = F.scaled_dot_product_attention(q, k, v, scale=patched.scale)
+        # the same transforms applied to the original q, k, v (what attend() and tools/fidelity.py use)
+        q2, k2, v2 = patched.to_kernel(q, k, v)
+    assert (got - want).abs().max() <= 1e-10 * want.abs().max()
+    assert (o - o_ref).abs().max() <= 1e-10 * o_ref.abs().max()
+    for a, b in ((qk, q2), (kk, k2), (vk, v2)):
+        assert (a - b).abs().max() <= 1e-10 * b.abs().max()
+    assert kk.mean(dim=(0, 2)).abs().max() <= 1e-6 * k.abs().max()  # zero mean (kmean is float32)
+
+
+def test_swin_transforms_are_exact_with_float_attention(device):
+    orig, mask, x = _window_problem(device, seed=7)
+    orig, mask, x = orig.double(), mask.double(), x.double()
+    with torch.no_grad():
+        orig.qkv.bias[96:192] += 8.0  # shared k component
+        want = orig(x, mask=mask)
+    before = {name: t.clone() for name, t in orig.state_dict().items()}
+    patched = models.QFlashWindowAttention(orig, backend="reference")
+    models.calibrate(patched, [(x, mask)])  # defaults: smooth_k and equalize on
+    assert all(torch.equal(before[name], t) for name, t in orig.state_dict().items())
+    assert patched.smooth_k and patched.equalized and "(folded)" in repr(patched)
+    patched.set_scale_mode("dynamic")  # the float core then gets the float bias and mask
+    _float_core(patched)
+    with torch.no_grad():
+        got = patched(x, mask=mask)
+    assert (got - want).abs().max() <= 1e-10 * want.abs().max()
+
+
+def test_k_smoothing_removes_the_shared_k_cost_in_the_kernel(device):
+    """A k component shared by all tokens (DINOv2 ViT-S/14 layer 3 has one) costs the per-tensor
+    int8 k scale its resolution; smoothing removes it exactly.  Kernel vs the float module."""
+    torch.manual_seed(0)
+    orig = Attention(128, num_heads=2, qkv_bias=True).to(device).eval()
+    with torch.no_grad():
+        orig.qkv.weight[: 2 * 128] *= QK_GAIN
+        orig.qkv.bias[128 + 64 : 256] += 30.0  # head 1's k: a large shared component
+    x = _image((2, 65, 128), 8, device)
+    with torch.no_grad():
+        want = orig(x)
+    got = {}
+    for label, kw in {
+        "plain": dict(smooth_k=False, equalize=False),
+        "smooth": dict(smooth_k=True, equalize=False),
+        "smooth+eq": dict(smooth_k=True, equalize=True),
+        "per-head smooth+eq": dict(smooth_k=True, equalize=True, per_head=True),
+    }.items():
+        patched = models.QFlashAttention(copy.deepcopy(orig), config=DEFAULT_CONFIG)
+        models.calibrate(patched, [x], **kw)
+        with torch.no_grad():
+            got[label] = sqnr_db(patched(x), want)
+    # measured on CPU: 22.3 dB plain, 29.9 smoothed, 31.7 smoothed + equalized (per tensor or head)
+    assert got["smooth"] >= got["plain"] + 5, got
+    assert min(got["smooth+eq"], got["per-head smooth+eq"]) >= got["smooth"], got
+
+
+def test_calibrate_transform_switches_and_recalibration():
+    torch.manual_seed(0)
+    model = nn.Sequential(Attention(64, num_heads=2, qkv_bias=True)).eval()
+    x = torch.randn(2, 9, 64)
+    models.patch_model(model, backend="reference", calibrate=[x], smooth_k=False, equalize=False)
+    attn = model[0]
+    assert not attn.smooth_k and not attn.equalized and "transforms" not in repr(attn)
+    assert not any(name.startswith("qflash_q") or name.startswith("qflash_p") for name in attn._buffers)
+    models.calibrate(model, [x], smooth_k=True, equalize=False)
+    assert attn.smooth_k and not attn.equalized and "transforms=smooth-k (folded)" in repr(attn)
+    assert "qflash_qkv_bias" in attn._buffers and "qflash_qkv_weight" not in attn._buffers  # bias only
+    models.calibrate(model, [x])  # the defaults
+    assert attn.smooth_k == models.SMOOTH_K_DEFAULT and attn.equalized == models.EQUALIZE_DEFAULT
+    with pytest.raises(ValueError, match="qflash_qk_eq must be"):
+        attn.set_transforms(qk_eq=torch.zeros(2, 32))
+    with pytest.raises(ValueError, match=r"\(2, 32\) tensor"):
+        attn.set_transforms(kmean=torch.zeros(3, 32))
+    attn.set_transforms()  # all cleared: the plain path (static scales stay)
+    assert not attn.smooth_k and not attn.equalized and attn.scale_mode == "static"
+    assert not any(name in attn._buffers for name in ("qflash_qkv_weight", "qflash_qkv_bias", "qflash_proj_weight"))
+
+
 # -- what is left alone --------------------------------------------------------------------------
 class _MyAttention(nn.Module):
     def __init__(self):
@@ -289,20 +434,26 @@ def test_static_state_survives_state_dict_and_half():
     torch.manual_seed(0)
     model = nn.Sequential(Attention(64, num_heads=2, qkv_bias=True)).eval()
     models.patch_model(model, backend="reference", calibrate=[torch.randn(2, 9, 64)], per_head=True)
+    assert model[0].smooth_k and model[0].equalized
     x = torch.randn(2, 9, 64)
     with torch.no_grad():
         want = model(x)
     state = model.state_dict()
     assert {"0.qflash_scales", "0.qflash_ints", "0.qflash_floats"} <= set(state)
+    assert {"0.qflash_kmean", "0.qflash_qk_eq", "0.qflash_v_eq"} <= set(state)
+    assert not any("qflash_qkv" in key or "qflash_proj" in key for key in state)  # derived, not saved
     fresh = nn.Sequential(Attention(64, num_heads=2, qkv_bias=True)).eval()
     models.patch_model(fresh, backend="reference")
     fresh.load_state_dict(state)  # strict: the static buffers are accepted on an uncalibrated model
     assert fresh[0].scale_mode == "static" and fresh[0].per_head
+    assert fresh[0].smooth_k and fresh[0].equalized
     with torch.no_grad():
-        assert_bit_equal(fresh(x), want)
+        assert_bit_equal(fresh(x), want)  # the folded weights are rebuilt from the loaded ones
     fresh.half()
     assert fresh[0].qflash_scales.dtype == torch.float32 and fresh[0].qflash_floats.dtype == torch.float32
+    assert fresh[0].qflash_kmean.dtype == torch.float32 and fresh[0].qflash_v_eq.dtype == torch.float32
     assert fresh[0].qkv.weight.dtype == torch.float16
+    assert fresh[0].qflash_qkv_weight.dtype == fresh[0].qflash_proj_weight.dtype == torch.float16
     assert torch.equal(fresh[0].qflash_scales, model[0].qflash_scales)
     models.set_scale_mode(fresh, "dynamic")
     assert fresh[0].scale_mode == "dynamic"

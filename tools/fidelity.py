@@ -22,12 +22,15 @@ mean/std).  Printed per kernel config and scale mode:
 * the cosine of the final features (the pooled class token) per photo, mean and minimum.
 
 The last line is ``final-feature cosine: <value>``, the minimum over photos and over every config
-and scale mode run.  Static scales are calibrated on the horizontally flipped photos.
+and scale mode run.  Static scales are calibrated on the horizontally flipped photos, with the
+exact transforms of ``qflash_gen.models.calibrate`` (k smoothing, channel equalization: on by
+default, ``--no-smooth-k`` / ``--no-equalize`` turn them off; the run header says which).
 
     python tools/fidelity.py prepare                         # once, with internet (pip download)
     python tools/fidelity.py run --device cuda               # all 20 photos, default config
     python tools/fidelity.py run --images 2 --device cpu --backend reference
     python tools/fidelity.py run --device cuda --configs default,auto,db --scales dynamic,static
+    python tools/fidelity.py run --device cpu --backend reference --scales static --per-head --no-equalize
 """
 
 from __future__ import annotations
@@ -292,7 +295,7 @@ def run_fp32(model, x, batch):
     return torch.cat(feats), cap
 
 
-def measure(model, fp32_cap, x, batch, cfg, backend, scales, calib, dtype, per_head):
+def measure(model, fp32_cap, x, batch, cfg, backend, scales, calib, dtype, per_head, smooth_k, equalize):
     from qflash_gen import models
     from qflash_gen.reference import float_attention
 
@@ -302,7 +305,11 @@ def measure(model, fp32_cap, x, batch, cfg, backend, scales, calib, dtype, per_h
         raise SystemExit(f"expected {DEPTH} patched attention modules, got {report}")
     if scales == "static":
         models.calibrate(
-            patched, [calib[i : i + batch].to(dtype) for i in range(0, len(calib), batch)], per_head=per_head
+            patched,
+            [calib[i : i + batch].to(dtype) for i in range(0, len(calib), batch)],
+            per_head=per_head,
+            smooth_k=smooth_k,
+            equalize=equalize,
         )
     cap = _Capture(patched)
     feats = []
@@ -335,10 +342,14 @@ def measure(model, fp32_cap, x, batch, cfg, backend, scales, calib, dtype, per_h
 
 
 def _int8_qkv_only(q, k, v, attn):
-    """Float64 softmax attention on the int8-rounded q, k, v (the module's scales): the error of
-    quantizing q, k, v alone, a ceiling for any integer softmax with these scales."""
+    """Float64 softmax attention on the int8-rounded q, k, v (the module's scales, applied to q, k, v
+    as the kernel sees them, i.e. after the module's exact transforms; the output back in v's
+    units): the error of quantizing q, k, v alone, a ceiling for any integer softmax with these
+    scales."""
     from qflash_gen import quant
     from qflash_gen.reference import float_attention
+
+    q, k, v = attn.to_kernel(q, k, v)
 
     if attn.scale_mode == "static":
         s = attn.qflash_scales
@@ -349,7 +360,7 @@ def _int8_qkv_only(q, k, v, attn):
     else:
         sq, sk, sv = (quant.dynamic_scale(t) for t in (q, k, v))
     dq = [torch.clamp(torch.round(t.double() / s), -127, 127) * s for t, s in ((q, sq), (k, sk), (v, sv))]
-    return float_attention(*dq, scale=attn.scale)
+    return attn.from_kernel(float_attention(*dq, scale=attn.scale))
 
 
 def _split_top(spec: str) -> list[str]:
@@ -439,6 +450,15 @@ def run(args) -> None:
         f"DINOv2 ViT-S/14 @224 (N=257, D=64), {len(x)} photos, device {device_name}, backend {args.backend}, "
         f"patched dtype {args.dtype}, torch {torch.__version__}, triton {triton.__version__}"
     )
+    from qflash_gen import models
+
+    smooth_k = models.SMOOTH_K_DEFAULT if args.smooth_k is None else args.smooth_k
+    equalize = models.EQUALIZE_DEFAULT if args.equalize is None else args.equalize
+    static_desc = (
+        f"{'per-head' if args.per_head else 'per-tensor'}, smooth-k {'on' if smooth_k else 'off'}, "
+        f"equalize {'on' if equalize else 'off'}"
+    )
+    print(f"static scales: {static_desc} (calibrated on the {len(calib)} mirrored photos)")
     ref_feats, fp32_cap = run_fp32(model, x, args.batch)
     worst = math.inf
     for label, cfg in _configs(args.configs, args.gpu):
@@ -446,11 +466,22 @@ def run(args) -> None:
             if scales not in ("dynamic", "static"):
                 raise SystemExit(f"--scales: {scales!r} is not dynamic or static")
             layers, feats = measure(
-                model, fp32_cap, x, args.batch, cfg, args.backend, scales, calib, dtype, args.per_head
+                model,
+                fp32_cap,
+                x,
+                args.batch,
+                cfg,
+                args.backend,
+                scales,
+                calib,
+                dtype,
+                args.per_head,
+                smooth_k,
+                equalize,
             )
             cos = F.cosine_similarity(feats.double(), ref_feats.double(), dim=1)
             short = "runtime choice" if cfg is None else cfg.short()
-            print(f"\n== {label}: {short}; scales {scales}{' per-head' if args.per_head else ''}")
+            print(f"\n== {label}: {short}; scales {scales}{f' ({static_desc})' if scales == 'static' else ''}")
             print("layer  kernel SQNR dB  in-model SQNR dB  int8-qkv-only SQNR dB")
             for i, (k_db, m_db, q_db) in enumerate(layers):
                 print(f"{i:5d}  {k_db:14.2f}  {m_db:16.2f}  {q_db:21.2f}")
@@ -491,6 +522,18 @@ def main(argv=None) -> None:
     pr.add_argument("--gpu", default=None, help="GPU whose tuning DB --configs db reads (default: this GPU)")
     pr.add_argument("--scales", default="dynamic", help="comma list: dynamic, static")
     pr.add_argument("--per-head", action="store_true", help="static scales per head (one launch per head)")
+    pr.add_argument(
+        "--smooth-k",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="static: subtract calibration's per-(head, channel) mean of k (exact; default: on, as calibrate)",
+    )
+    pr.add_argument(
+        "--equalize",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="static: q/k and v channel equalization (exact, folded into the weights; default: as calibrate)",
+    )
     pr.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32", help="patched model")
     pr.add_argument("--batch", type=int, default=4)
     args = p.parse_args(argv)
