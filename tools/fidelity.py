@@ -458,11 +458,13 @@ def run(args) -> None:
         f"{'per-head' if args.per_head else 'per-tensor'}, smooth-k {'on' if smooth_k else 'off'}, "
         f"equalize {'on' if equalize else 'off'}"
     )
-    print(f"static scales: {static_desc} (calibrated on the {len(calib)} mirrored photos)")
+    scale_modes = [m.strip() for m in args.scales.split(",")]
+    if "static" in scale_modes:
+        print(f"static scales: {static_desc} (calibrated on the {len(calib)} mirrored photos)")
     ref_feats, fp32_cap = run_fp32(model, x, args.batch)
     worst = math.inf
     for label, cfg in _configs(args.configs, args.gpu):
-        for scales in [s.strip() for s in args.scales.split(",")]:
+        for scales in scale_modes:
             if scales not in ("dynamic", "static"):
                 raise SystemExit(f"--scales: {scales!r} is not dynamic or static")
             layers, feats = measure(

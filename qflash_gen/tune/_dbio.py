@@ -108,6 +108,27 @@ def db_best(target: str | os.PathLike[str] | None, gpu_name: str, key: keys.Work
     return None if entry is None else entry.config
 
 
+def db_seeds(target: str | os.PathLike[str] | None, gpu_name: str, key: keys.WorkloadKey) -> list[KernelConfig]:
+    """Configs that stale entries for ``key`` hold (shipped DB and ``--db``; other template,
+    Triton or P width): a warm start for a new study, which measures them again like any trial."""
+    seeds: list[KernelConfig] = []
+    for path in (db.shipped_db_dir() / f"{gpu_name}.yaml", db_file(target, gpu_name)):
+        if not path.is_file():
+            continue
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError):
+            continue  # the normal DB read reports a broken file; a seed is only a hint
+        for entry in raw.get("entries") or []:
+            if not isinstance(entry, dict) or entry.get("key") != str(key):
+                continue
+            try:
+                seeds.append(KernelConfig.from_dict(dict(entry.get("config") or {})))
+            except (TypeError, ValueError):
+                continue
+    return seeds
+
+
 def _software(environment: Mapping[str, Any], space_hash: str) -> dict[str, str | None]:
     """Entry software fingerprint: the measuring machine's (a recorded table's environment, or this
     process when it measured live)."""

@@ -269,6 +269,11 @@ def _plans(args: argparse.Namespace, gpu: str, dtype: str, shapes: list, grid: A
                 raise UsageError(f"--db: {exc}") from None
             if incumbent is not None:
                 enqueue.append(incumbent)
+            # stale winners (an older template or P width), mapped into this space: a warm start
+            for seed in _dbio.db_seeds(args.db, gpu, _dbio.key_for(s, dtype)):
+                adapted = space.adapt(seed)
+                if adapted is not None and adapted not in enqueue:
+                    enqueue.append(adapted)
         enqueue.append(runtime.default_config(s.n, s.d))
         plans.append((s, space, name, enqueue))
     return plans

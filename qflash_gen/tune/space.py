@@ -337,6 +337,29 @@ class SearchSpace:
             return None  # e.g. an int64 config where the space derives int32
         return {k: v for k, v in values.items() if k in self.distributions}
 
+    def adapt(self, config: KernelConfig) -> KernelConfig | None:
+        """The config of this space closest to ``config`` (e.g. a stale DB winner measured under
+        another template or P width): same tiles, exp and rescale, each P width of the space in
+        turn, the accumulator this space derives; None if none is feasible here."""
+        values = {
+            "block_m": config.block_m,
+            "block_n": config.block_n,
+            "num_warps": config.num_warps,
+            "num_stages": config.num_stages,
+            "exp": exp_token(config),
+            "rescale": rescale_token(config),
+        }
+        if "acc_bits" in self.choices:
+            values["acc_bits"] = config.acc_bits
+        for p_bits in self.choices["p_bits"]:
+            values["p_bits"] = p_bits
+            if any(v not in self.choices[k] for k, v in values.items()):
+                continue
+            candidate = self._build(values)
+            if self.check(candidate) is None:
+                return candidate
+        return None
+
     # -- enumeration ----------------------------------------------------------------------
     def _all_values(self) -> Iterator[dict[str, Any]]:
         names = list(self.choices)
