@@ -150,7 +150,7 @@ def test_cpu_tensors_without_interpreter_get_a_clear_error(monkeypatch):
 
 def test_default_config_widens_where_int32_would_overflow():
     assert qflash_gen.runtime.default_config(197, 64) == DEFAULT_CONFIG
-    wide = qflash_gen.runtime.default_config(577, 64)
+    wide = qflash_gen.runtime.default_config(1021, 64)  # 14-bit P: int32 holds N <= 1020
     assert wide.acc_bits == 64 and wide.replace(acc_bits=32) == DEFAULT_CONFIG
     assert math.isfinite(sqnr_db(torch.ones(3), torch.ones(3) * 1.01))
 

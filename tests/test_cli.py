@@ -29,7 +29,7 @@ def run_show(capsys, *argv: str) -> tuple[int, str, str]:
 def test_config_renders_parseable_source_with_header(capsys):
     code, out, err = run_show(capsys, "--config", "block_m=64,block_n=256,exp_variant=poly2")
     assert code == 0, err
-    want = KernelConfig(block_m=64, block_n=256, exp_variant="poly2")
+    want = DEFAULT_CONFIG.replace(block_m=64, block_n=256, exp_variant="poly2")
     # stdout is the rendered file byte for byte: the cache names it by this sha256.
     assert out == codegen.render(want)
     tree = ast.parse(out)
@@ -69,9 +69,11 @@ def test_invalid_config_is_a_clean_usage_error(capsys, text, message):
 
 def test_parse_config_types_and_dependent_fields():
     cfg = parse_config("block_m=32, num_warps=8, exp_variant=lut")
-    assert cfg == KernelConfig(block_m=32, num_warps=8, exp_variant="lut", lut_bits=5)
-    # Switching rescale to idiv drops the now meaningless rescale_bits unless it was given.
+    assert cfg == DEFAULT_CONFIG.replace(block_m=32, num_warps=8, exp_variant="lut", lut_bits=5)
+    # Switching rescale to idiv keeps rescale_bits at 0; to shift, it starts at 8 unless given.
     assert parse_config("rescale=idiv") == DEFAULT_CONFIG.replace(rescale="idiv", rescale_bits=0)
+    assert parse_config("rescale=shift") == DEFAULT_CONFIG.replace(rescale="shift", rescale_bits=8)
+    assert parse_config("rescale=shift,rescale_bits=6").rescale_bits == 6
     assert parse_config("") == DEFAULT_CONFIG
 
 

@@ -54,14 +54,24 @@ def test_hash_is_stable_across_processes():
 
 
 def test_overflow_bound_per_workload():
-    # int32 + shift8: |acc| * 2**8 < 2**31 holds up to N = 516, not at 517.
-    assert fits(DEFAULT_CONFIG, 516, 64) and not fits(DEFAULT_CONFIG, 517, 64)
-    with pytest.raises(ValueError, match="use acc_bits=64"):
-        check_workload(DEFAULT_CONFIG, 577, 64)
-    assert fits(DEFAULT_CONFIG.replace(acc_bits=64), 577, 64)
+    # 7-bit P, int32 + shift8: |acc| * 2**8 < 2**31 holds up to N = 516, not at 517.
+    shift8 = KernelConfig(rescale="shift", rescale_bits=8, p_bits=7)
+    assert fits(shift8, 516, 64) and not fits(shift8, 517, 64)
+    with pytest.raises(ValueError, match="use acc_bits=64 or rescale='split'"):
+        check_workload(shift8, 577, 64)
+    assert fits(shift8.replace(acc_bits=64), 577, 64)
+    # 14-bit P: shift8 overflows online at any real N; split holds until the int8 output's
+    # rounding numerator |acc| + l/2 <= N * (16383 * 128 + 8191) leaves int32: N = 1020.
+    assert not fits(shift8.replace(p_bits=14), 197, 64)  # online (block_n=64 < N)
+    assert fits(DEFAULT_CONFIG, 1020, 64) and not fits(DEFAULT_CONFIG, 1021, 64)
+    with pytest.raises(ValueError, match="acc_round"):
+        check_workload(DEFAULT_CONFIG, 1021, 64)
+    assert fits(DEFAULT_CONFIG.replace(acc_bits=64), 4096, 64)
     # int32 + idiv cannot rescale online at any N > 1, but single-pass has no rescale at all.
     idiv32 = KernelConfig(rescale="idiv", rescale_bits=0, block_n=256)
     assert single_pass(idiv32, 197) and fits(idiv32, 197, 64)
     assert not fits(idiv32.replace(block_n=64), 197, 64)
-    b = accumulator_bounds(DEFAULT_CONFIG, 197, 64)
+    b = accumulator_bounds(shift8, 197, 64)
     assert b["acc"] == 197 * 127 * 128 and b["l"] == 197 * 127
+    b = accumulator_bounds(DEFAULT_CONFIG, 197, 64)
+    assert b["acc"] == 197 * 16383 * 128 and b["l"] == 197 * 16383

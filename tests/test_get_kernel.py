@@ -115,8 +115,8 @@ def test_default_lookup(tdb, monkeypatch):
     kern = kernel.get_kernel((1, 12, 197, 64), gpu="h100", db=tdb)
     assert kern.why == "default" and kern.entry is None
     assert kern.config == runtime.default_config(197, 64)
-    big = kernel.get_kernel((1, 12, 577, 64), gpu="h200", db=tdb)
-    assert big.config == runtime.default_config(577, 64) and big.config.acc_bits == 64
+    big = kernel.get_kernel((1, 12, 1100, 64), gpu="h200", db=tdb)
+    assert big.config == runtime.default_config(1100, 64) and big.config.acc_bits == 64
 
 
 def test_fallback_logged_once_per_key(tdb, caplog):

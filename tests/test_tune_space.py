@@ -53,7 +53,7 @@ def test_shared_memory_limit_prunes_by_the_estimate():
     unlimited = SearchSpace(GRIDS["tune"], 577, 64)
     assert 0 < space.size < unlimited.size
     assert all(smem_estimate(c, 64) <= limit for c in space.configs())
-    big = KernelConfig(block_m=128, block_n=256, num_stages=4, acc_bits=64)  # int64: shift8 at N=577
+    big = KernelConfig(block_m=128, block_n=256, num_stages=4, acc_bits=64, p_bits=14)  # int64: shift8 at N=577
     _, reason = space.config_from_params(space.params_for(big) or {})
     assert reason is not None and "shared memory" in reason
 

@@ -274,7 +274,8 @@ def _plans(args: argparse.Namespace, gpu: str, dtype: str, shapes: list, grid: A
                 adapted = space.adapt(seed)
                 if adapted is not None and adapted not in enqueue:
                     enqueue.append(adapted)
-        enqueue.append(runtime.default_config(s.n, s.d))
+        default = runtime.default_config(s.n, s.d)
+        enqueue.append(space.adapt(default) or default)
         plans.append((s, space, name, enqueue))
     return plans
 

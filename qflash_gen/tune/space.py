@@ -339,23 +339,27 @@ class SearchSpace:
 
     def adapt(self, config: KernelConfig) -> KernelConfig | None:
         """The config of this space closest to ``config`` (e.g. a stale DB winner measured under
-        another template or P width): same tiles, exp and rescale, each P width of the space in
-        turn, the accumulator this space derives; None if none is feasible here."""
-        values = {
+        another template or P width, or the runtime default): each axis keeps the config's value
+        where this space has it and otherwise takes the space's choices in order; the first
+        feasible combination, or None."""
+        want = {
             "block_m": config.block_m,
             "block_n": config.block_n,
             "num_warps": config.num_warps,
             "num_stages": config.num_stages,
             "exp": exp_token(config),
             "rescale": rescale_token(config),
+            "p_bits": config.p_bits,
+            "acc_bits": config.acc_bits,
         }
-        if "acc_bits" in self.choices:
-            values["acc_bits"] = config.acc_bits
-        for p_bits in self.choices["p_bits"]:
-            values["p_bits"] = p_bits
-            if any(v not in self.choices[k] for k, v in values.items()):
-                continue
-            candidate = self._build(values)
+        names = list(self.choices)
+        axes = []
+        for name in names:
+            choices = list(self.choices[name])
+            value = want[name]
+            axes.append([value] + [c for c in choices if c != value] if value in choices else choices)
+        for combo in itertools.product(*axes):
+            candidate = self._build(dict(zip(names, combo, strict=True)))
             if self.check(candidate) is None:
                 return candidate
         return None
