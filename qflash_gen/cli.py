@@ -473,7 +473,7 @@ def kernel_arguments(
     ptrs += [_Ptr(torch.int32), _Ptr(torch.int32), _Ptr(torch.float32), _Ptr(torch.int32)]
     args: list[Any] = [*ptrs, *qkv, *qkv, *qkv, *qkv, *bias, h]
     kwargs = dict(
-        N_CTX=n, HEAD_DIM=d, HAS_BIAS=masked, OUT_FLOAT=out_dtype != "int8",
+        N_CTX=n, HEAD_DIM=d, HAS_BIAS=masked, OUT_FLOAT=out_dtype != "int8", V_KEYS=n,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
@@ -1215,7 +1215,9 @@ def _optuna_plots(histories: list[StudyHistory], stem: Path) -> list[Path]:
             warnings.simplefilter("ignore")  # optuna marks its matplotlib backend experimental
             if len(h.directions) > 1:
                 names = (
-                    ["latency µs", "energy µJ", "SQNR dB"] if len(h.study.directions) == 3 else ["latency µs", "SQNR dB"]
+                    ["latency µs", "energy µJ", "SQNR dB"]
+                    if len(h.study.directions) == 3
+                    else ["latency µs", "SQNR dB"]
                 )
                 ax = ovm.plot_pareto_front(h.study, target_names=names)
             else:
@@ -1355,7 +1357,9 @@ def _db_parser() -> argparse.ArgumentParser:
     rep.add_argument("--workloads", default="paper", help="names that label entries (default paper = A1..A7)")
     rep.add_argument("--storage", help="Optuna storage of the tuning runs (journal file or URL)")
     rep.add_argument("--study", help="study name, or a glob such as 'qflash/h100/*'")
-    rep.add_argument("--bench", metavar="CSV", help="SDPA baselines from a tools/bench.py CSV (docs/benchmarks/<gpu>.csv)")
+    rep.add_argument(
+        "--bench", metavar="CSV", help="SDPA baselines from a tools/bench.py CSV (docs/benchmarks/<gpu>.csv)"
+    )
     return p
 
 

@@ -55,6 +55,7 @@ def _multi_gpu() -> bool:
 
 
 _OUT_DTYPES = frozenset(runtime.OUT_DTYPES)
+_FLOAT_IN = frozenset(runtime.FLOAT_DTYPES)
 _PARAMS_CACHE_MAX = 16  # distinct float-scale triples remembered per kernel
 
 
@@ -117,24 +118,31 @@ class Kernel:
         scale: float | None = None,
         *,
         float_bias: torch.Tensor | None = None,
-        out_dtype: torch.dtype = torch.int8,
+        out_dtype: torch.dtype | None = None,
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Attention on int8 (B, H, N, D) tensors with per-tensor scales ``(sq, sk, sv)``.
+        """Attention on int8 (B, H, N, D) tensors with per-tensor scales ``(sq, sk, sv)``, or on
+        float16/bfloat16/float32 tensors with static (calibrated) scales ``(sq, sk, sv)``.
 
         Same meaning as ``qflash_gen.attention_int8`` (``scale``: softmax scale, default 1/sqrt(D);
         ``attn_mask``/``float_bias``: SDPA-style bias), with this kernel's config.  N and D must be
         the key's; any B and H work.  ``out`` (optional) receives the result, e.g. a static
         buffer for CUDA-graph capture.  Scales may be Python floats (their kernel constants are
         cached) or 0-d device tensors (computed on the device each call); no host sync either way.
+        ``out_dtype`` defaults to int8 for int8 inputs and to the input dtype for float inputs.
+
+        Float inputs are quantized at the given scales exactly as ``quant.quantize`` does (the
+        oracle is ``quant.quantize`` of each, then this call on int8), inside the kernel as it
+        loads them: one launch.
         """
         try:
             shape = q8.shape
             device = q8.device
+            in_dtype = q8.dtype
             fast = (
-                q8.dtype is _INT8
-                and k8.dtype is _INT8
-                and v8.dtype is _INT8
+                (in_dtype is _INT8 or in_dtype in _FLOAT_IN)
+                and k8.dtype is in_dtype
+                and v8.dtype is in_dtype
                 and len(shape) == 4
                 and shape[2] == self._n
                 and shape[3] == self._d
@@ -152,6 +160,8 @@ class Kernel:
                 f"q8 is on {device}: the kernel needs CUDA tensors, or TRITON_INTERPRET=1 to run on CPU "
                 f"through Triton's interpreter (this kernel was looked up for gpu={self.gpu!r})"
             )
+        if out_dtype is None:
+            out_dtype = in_dtype
         if out_dtype not in _OUT_DTYPES:
             raise ValueError(f"out_dtype={out_dtype} is not supported; supported: {runtime.OUT_DTYPES}")
         if out is not None:
@@ -161,6 +171,12 @@ class Kernel:
         if attn_mask is not None or float_bias is not None:
             bias = self._bias(attn_mask, float_bias, params, shape, device)
         module = self._module if self._module is not None else self.module
+        if in_dtype is not _INT8:
+            if _multi_gpu() and device.type == "cuda" and device.index != torch.cuda.current_device():
+                with torch.cuda.device(device):
+                    return runtime.launch_static(module, self.config, q8, k8, v8, params, bias, out, out_dtype)
+            fast_ok = device.type == "cuda"
+            return runtime.launch_static(module, self.config, q8, k8, v8, params, bias, out, out_dtype, fast=fast_ok)
         if device.type == "cuda":
             if _multi_gpu() and device.index != torch.cuda.current_device():
                 with torch.cuda.device(device):
@@ -200,7 +216,9 @@ class Kernel:
 
     def _explain_bad_input(self, q8, k8, v8) -> None:
         """Slow path: the same checks as attention_int8 (clear messages), then the key's N and D."""
-        runtime._check_qkv(q8, k8, v8, (torch.int8,), "a Kernel call")
+        runtime._check_qkv(q8, k8, v8, (torch.int8, *runtime.FLOAT_DTYPES), "a Kernel call")
+        if not (q8.dtype == k8.dtype == v8.dtype):
+            raise ValueError(f"q, k, v must share one dtype; got {q8.dtype}, {k8.dtype}, {v8.dtype}")
         n, d = q8.shape[2], q8.shape[3]
         raise ValueError(
             f"q8 has N={n}, D={d} but this kernel is for N={self._n}, D={self._d} ({self.key.to_str()}): "

@@ -11,7 +11,7 @@ q's shape and dtype:
     run per call, so the call is static, host-sync free and CUDA-graph capturable.
     ``scales``: float32 (3, P), rows sq, sk, sv, one column per scale group; P = 1 is per
     tensor, P > 1 is per head: head j of the H heads uses column ``j % P`` (P divides H).
-    ``ints``/``floats``: the kernel constants of each column, (P, 4) int32 and (P, 2) float32,
+    ``ints``/``floats``: the kernel constants of each column, (P, 4) int32 and (P, 4) float32,
     from :func:`static_params` (they carry the softmax scale).  ``bias``: optional int32 bias in
     score units (``quant.bias_to_int`` with that column's constants), broadcastable to
     (B, H, N, N).  The kernel has per-tensor constants only, so P > 1 runs one launch per
@@ -31,7 +31,7 @@ import json
 
 import torch
 
-from qflash_gen import quant, reference, runtime
+from qflash_gen import codegen, quant, reference, runtime
 from qflash_gen.config import KernelConfig, check_workload
 
 __all__ = ["attention", "attention_static", "config_arg", "static_params"]
@@ -101,7 +101,7 @@ def _attention_fake(q, k, v, attn_mask=None, float_bias=None, scale=None, config
 
 # -- static (calibrated) scales ---------------------------------------------------------------
 def static_params(scales: torch.Tensor, head_dim: int, scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Kernel constants ``(ints (P, 4) int32, floats (P, 2) float32)`` for ``scales`` (3, P).
+    """Kernel constants ``(ints (P, 4) int32, floats (P, 4) float32)`` for ``scales`` (3, P).
 
     Device ops only (no host sync); run once when the scales are set, not per call."""
     if not isinstance(scales, torch.Tensor) or scales.dim() != 2 or scales.shape[0] != 3 or scales.shape[1] < 1:
@@ -124,9 +124,9 @@ def _check_static(q, k, v, scales, ints, floats, bias) -> int:
         raise ValueError(f"scales has P={p} columns; P must divide the number of heads H={h}")
     if tuple(ints.shape) != (p, 4) or ints.dtype != torch.int32:
         raise ValueError(f"ints must be int32 ({p}, 4) from static_params, got {ints.dtype} {tuple(ints.shape)}")
-    if tuple(floats.shape) != (p, 2) or floats.dtype != torch.float32:
+    if tuple(floats.shape) != (p, 4) or floats.dtype != torch.float32:
         raise ValueError(
-            f"floats must be float32 ({p}, 2) from static_params, got {floats.dtype} {tuple(floats.shape)}"
+            f"floats must be float32 ({p}, 4) from static_params, got {floats.dtype} {tuple(floats.shape)}"
         )
     for name, t in (("scales", scales), ("ints", ints), ("floats", floats)):
         if t.device != q.device:
@@ -182,6 +182,14 @@ def attention_static(
     if out.numel() == 0:
         return out
     cfg = _resolve(config, q, masked=bias is not None)
+    if n_groups == 1 and backend == "triton" and (q.is_cuda or runtime.interpreter_active()):
+        # Quantization at the static scales (floats[0][1:4] == 1 / scales[:, 0]) fused into the
+        # kernel's loads: runtime.launch_static, the bits of the torch path below.
+        with torch.cuda.device(q.device) if q.is_cuda else runtime._nullctx():
+            runtime.launch_static(
+                codegen.load(cfg), cfg, q, k, v, quant.KernelParams(ints[0], floats[0]), bias, out, out.dtype
+            )
+        return out
     if n_groups == 1:
         q8, k8, v8 = (quant.quantize(t, scales[i, 0]) for i, t in enumerate((q, k, v)))
         _launch_one(cfg, q8, k8, v8, quant.KernelParams(ints[0], floats[0]), bias, out, backend)

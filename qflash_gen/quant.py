@@ -30,7 +30,9 @@ class KernelParams:
     """Device tensors the kernel reads at start (so scales can change without recompiling).
 
     ints:   int32 [R, MQ, HF, 0] with MQ = floor(2**26 / R), HF = floor(2**30 / R)
-    floats: float32 [OUT_MUL, 0]  with OUT_MUL = sv (float outputs only: out = acc * (OUT_MUL / l))
+    floats: float32 [OUT_MUL, 1/SQ, 1/SK, 1/SV]: OUT_MUL = sv (float outputs: out = acc * (OUT_MUL / l));
+            1/SQ... = ``reciprocal(sq)``..., read only by float inputs, which the kernel quantizes
+            as it loads them (``quantize`` at these scales, bit for bit)
     """
 
     ints: torch.Tensor
@@ -72,8 +74,8 @@ def make_params(
     mq = (1 << 26) // r
     hf = (1 << 30) // r
     ints = torch.stack([r, mq, hf, torch.zeros_like(r)]).to(torch.int32)
-    out_mul = _as_tensor(sv, device).to(torch.float32)
-    floats = torch.stack([out_mul, torch.zeros_like(out_mul)])
+    sq32, sk32, sv32 = (_as_tensor(x, device).to(torch.float32) for x in (sq, sk, sv))
+    floats = torch.stack([sv32, reciprocal(sq32), reciprocal(sk32), reciprocal(sv32)])
     return KernelParams(ints=ints, floats=floats)
 
 
@@ -91,14 +93,52 @@ def dynamic_scale(x: torch.Tensor) -> torch.Tensor:
     return torch.where(amax > 0, amax / div, torch.ones_like(amax))
 
 
-def quantize(x: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
-    """Symmetric int8: round-half-even(x / scale) clamped to [-127, 127]; NaN -> 0, +-Inf -> +-127."""
+def reciprocal(scale: float | torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+    """float32(1) / float32(scale), one IEEE float32 division (a 0-d tensor on the scale's device)."""
     if isinstance(scale, torch.Tensor):
-        scale_t = scale.to(device=x.device, dtype=torch.float32)
+        scale_t = scale.to(device=device or scale.device, dtype=torch.float32)
     else:
-        scale_t = torch.full((), float(scale), dtype=torch.float32, device=x.device)
-    y = torch.nan_to_num(x.to(torch.float32) / scale_t, nan=0.0, posinf=INT8_MAX, neginf=-INT8_MAX)
+        scale_t = torch.full((), float(scale), dtype=torch.float32, device=device or "cpu")
+    return torch.ones_like(scale_t) / scale_t  # tensor / tensor: IEEE on CPU and CUDA
+
+
+def quantize(x: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    """Symmetric int8: round-half-even(x * reciprocal(scale)) clamped to [-127, 127]; NaN -> 0,
+    +-Inf -> +-127.  A multiply by the float32 reciprocal (not a division per element) is what the
+    kernels can afford inside their loads; every path (torch, quant_kernels, the attention
+    kernel's float inputs) computes exactly this."""
+    return quantize_reciprocal(x, reciprocal(scale, x.device))
+
+
+def quantize_reciprocal(x: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+    """``quantize`` given the float32 reciprocal of the scale (``KernelParams.floats[1:4]``)."""
+    y = torch.nan_to_num(
+        x.to(torch.float32) * inv.to(device=x.device, dtype=torch.float32), nan=0.0, posinf=INT8_MAX, neginf=-INT8_MAX
+    )
     return torch.round(y).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+
+
+KEY_GROUP = 16  # keys per 16-byte vector of a key-major int8 V
+
+
+def padded_keys(n: int) -> int:
+    """N rounded up to a whole number of 16-key groups (at least one)."""
+    return max(KEY_GROUP, -(-n // KEY_GROUP) * KEY_GROUP)
+
+
+def key_major(v: torch.Tensor) -> torch.Tensor:
+    """``v`` (B, H, N, D) copied into the key-major layout the kernel reads fastest: a (B, H, N, D)
+    view with strides (H*D*Np, D*Np, 1, Np) of a (B, H, D, Np) buffer, Np = ``padded_keys(N)``.
+
+    The int8 MMA P @ V wants V with keys innermost in shared memory; from the usual layout
+    (D innermost) the kernel transposes it byte by byte, from this one it loads 16 keys per
+    vector.  Keys N..Np-1 of the buffer are left unset: the kernel reads them but weights them by
+    p = 0.  Any dtype; the same values as ``v`` (``torch.equal(key_major(v), v)``)."""
+    b, h, n, d = v.shape
+    buf = torch.empty((b, h, d, padded_keys(n)), dtype=v.dtype, device=v.device)
+    view = buf[..., :n].transpose(-1, -2)
+    view.copy_(v)
+    return view
 
 
 def bias_to_int(

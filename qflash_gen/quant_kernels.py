@@ -6,11 +6,18 @@ and ``quant.make_params`` compute (the reference path keeps using those; tests c
 
 1. ``_absmax3``: max |x| over the finite elements of each tensor, as float32 bits, by atomic max
    (non-negative floats order like their int32 bit patterns).
-2. ``_quantize3``: scale = amax / 127 (1 where amax == 0); int8 = rint(clamp(x / scale, ±127)),
-   NaN → 0; program (0, 0) also writes the scales and the constants R, MQ, HF, OUT_MUL.
+2. ``_quantize3``: scale = amax / 127 (1 where amax == 0); int8 = rint(clamp(x * (1 / scale), ±127)),
+   NaN → 0; program (0, 0) also writes the scales and the constants R, MQ, HF, OUT_MUL, 1/SQ,
+   1/SK, 1/SV.
 
-Each float op is the IEEE one torch performs (``div_rn``; round-half-even by adding and removing
-1.5·2**23, exact for |y| <= 127), so CPU (interpreter) and GPU give torch's bits.  No host sync.
+(Static, calibrated scales need neither step: the attention kernel quantizes float inputs as
+it loads them; see ``runtime.launch_static``.)
+
+v8 comes back key-major (``quant.key_major``'s layout), which the attention kernel loads without
+a byte transpose; q8 and k8 are contiguous.  Each float op is the IEEE one torch performs
+(``div_rn`` for amax / 127 and 1 / scale, one multiply per element; round half to even by adding
+1.5·2**23 and reading the integer off the bits, exact for |y| <= 127), so CPU (interpreter) and
+GPU give torch's bits.  No host sync.
 This is not a template: the attention kernel, its template hash and the tuning DB don't see it.
 """
 
@@ -24,7 +31,7 @@ import triton
 import triton.language as tl
 
 from qflash_gen.config import R_MAX
-from qflash_gen.quant import LOG2E, KernelParams
+from qflash_gen.quant import LOG2E, KernelParams, padded_keys
 
 BLOCK = 4096
 RNE_MAGIC = 12582912.0  # 1.5 * 2**23: y + M - M rounds y to an integer, ties to even, in fp32
@@ -48,13 +55,31 @@ def _absmax3(Q, K, V, AMAX_BITS, n_elements, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _quant_one(X, Y, offs, m, scale):
-    x = tl.load(X + offs, mask=m, other=0.0).to(tl.float32)
-    y = tl.div_rn(x, scale)
+def _to_int8(x, inv):
+    y = x.to(tl.float32) * inv
     y = tl.where(y == y, y, 0.0)  # NaN -> 0
     y = tl.minimum(tl.maximum(y, -127.0), 127.0)  # +-Inf -> +-127
-    y = (y + 12582912.0) - 12582912.0  # round half to even (RNE_MAGIC)
-    tl.store(Y + offs, y.to(tl.int8), mask=m)
+    # round half to even: the bits of y + RNE_MAGIC minus the magic's bits (|y| <= 127)
+    return ((y + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000).to(tl.int8)
+
+
+@triton.jit
+def _quant_one(X, Y, offs, m, inv):
+    tl.store(Y + offs, _to_int8(tl.load(X + offs, mask=m, other=0.0), inv), mask=m)
+
+
+@triton.jit
+def _quant_v(V, V8, pid, inv, BH, N, NP, D: tl.constexpr, TK: tl.constexpr):
+    """Tile pid of V (TK keys x D of one head) to the key-major int8 V8 (quant.key_major: row
+    pitch NP).  Triton routes the tile through shared memory so both sides stay coalesced."""
+    tiles = tl.cdiv(N, TK)
+    bh = pid // tiles
+    if bh < BH:
+        offs_n = (pid % tiles) * TK + tl.arange(0, TK)
+        offs_d = tl.arange(0, D)
+        m = (offs_n < N)[:, None]
+        x = tl.load(V + bh * N * D + offs_n[:, None] * D + offs_d[None, :], mask=m, other=0.0)
+        tl.store(V8 + bh * D * NP + offs_d[None, :] * NP + offs_n[:, None], _to_int8(x, inv), mask=m)
 
 
 @triton.jit
@@ -65,19 +90,19 @@ def _scale_of(AMAX_BITS, i):
 
 @triton.jit
 def _quantize3(
-    Q, K, V, Q8, K8, V8, AMAX_BITS, SCALES, INTS, FLOATS, n_elements, c_log2e_bits,
-    R_MAX: tl.constexpr, BLOCK: tl.constexpr,
+    Q, K, V, Q8, K8, V8, AMAX_BITS, SCALES, INTS, FLOATS, n_elements, c_log2e_bits, BH, N, NP,
+    R_MAX: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     which = tl.program_id(1)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     m = offs < n_elements
     if which == 0:
-        _quant_one(Q, Q8, offs, m, _scale_of(AMAX_BITS, 0))
+        _quant_one(Q, Q8, offs, m, tl.div_rn(1.0, _scale_of(AMAX_BITS, 0)))
     elif which == 1:
-        _quant_one(K, K8, offs, m, _scale_of(AMAX_BITS, 1))
+        _quant_one(K, K8, offs, m, tl.div_rn(1.0, _scale_of(AMAX_BITS, 1)))
     else:
-        _quant_one(V, V8, offs, m, _scale_of(AMAX_BITS, 2))
+        _quant_v(V, V8, pid, tl.div_rn(1.0, _scale_of(AMAX_BITS, 2)), BH, N, NP, D, BLOCK // D)
     if (pid == 0) & (which == 0):
         sq = _scale_of(AMAX_BITS, 0)
         sk = _scale_of(AMAX_BITS, 1)
@@ -95,7 +120,9 @@ def _quantize3(
         tl.store(INTS + 2, (1 << 30) // r)
         tl.store(INTS + 3, 0)
         tl.store(FLOATS + 0, sv)  # OUT_MUL = sv
-        tl.store(FLOATS + 1, 0.0)
+        tl.store(FLOATS + 1, tl.div_rn(1.0, sq))
+        tl.store(FLOATS + 2, tl.div_rn(1.0, sk))
+        tl.store(FLOATS + 3, tl.div_rn(1.0, sv))
 
 
 def _f64_bits(x: float) -> int:
@@ -117,14 +144,31 @@ def quantize_qkv(
     dev = q.device
     n = q.numel()
     amax_bits = torch.zeros(3, dtype=torch.int32, device=dev)
-    q8, k8, v8 = (torch.empty(q.shape, dtype=torch.int8, device=dev) for _ in range(3))
+    q8, k8 = (torch.empty(q.shape, dtype=torch.int8, device=dev) for _ in range(2))
+    v8 = _key_major_int8(q.shape, dev)
     scales = torch.empty(3, dtype=torch.float32, device=dev)
     ints = torch.empty(4, dtype=torch.int32, device=dev)
-    floats = torch.empty(2, dtype=torch.float32, device=dev)
-    grid = (triton.cdiv(n, BLOCK), 3)
-    _absmax3[grid](q, k, v, amax_bits, n, BLOCK=BLOCK)
-    _quantize3[grid](
+    floats = torch.empty(4, dtype=torch.float32, device=dev)
+    _absmax3[(triton.cdiv(n, BLOCK), 3)](q, k, v, amax_bits, n, BLOCK=BLOCK)
+    _quantize3[_grid(q.shape)](
         q, k, v, q8, k8, v8, amax_bits, scales, ints, floats, n,
-        _f64_bits(c * LOG2E), R_MAX=R_MAX, BLOCK=BLOCK,
+        _f64_bits(c * LOG2E), *_v_dims(q.shape), R_MAX=R_MAX, BLOCK=BLOCK, D=q.shape[3],
     )  # fmt: skip
     return (q8, k8, v8), scales, KernelParams(ints=ints, floats=floats)
+
+
+def _key_major_int8(shape, device) -> torch.Tensor:
+    """An int8 (B, H, N, D) view in quant.key_major's layout (padding keys unset)."""
+    b, h, n, d = shape
+    return torch.empty((b, h, d, padded_keys(n)), dtype=torch.int8, device=device)[..., :n].transpose(-1, -2)
+
+
+def _v_dims(shape) -> tuple[int, int, int]:
+    b, h, n, d = shape
+    return b * h, n, padded_keys(n)
+
+
+def _grid(shape) -> tuple[int, int]:
+    """Flat BLOCK-element programs for q and k; (head, BLOCK // D-key tile) programs for v."""
+    b, h, n, d = shape
+    return (max(triton.cdiv(b * h * n * d, BLOCK), b * h * triton.cdiv(n, BLOCK // d)), 3)

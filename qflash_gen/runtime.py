@@ -120,7 +120,8 @@ def launch(
     out: torch.Tensor | None = None,
     out_dtype: torch.dtype = torch.int8,
 ) -> torch.Tensor:
-    """Run the rendered kernel for ``config`` on checked int8 inputs (no checks, no sync)."""
+    """Run the rendered kernel for ``config`` on checked int8 inputs (no checks, no sync); float
+    inputs are quantized on load at the static scales in ``params.floats`` (see ``launch_static``)."""
     return launch_module(codegen.load(config), config, q8, k8, v8, params, bias, out, out_dtype)
 
 
@@ -156,7 +157,7 @@ def launch_module(
         bias_arg, ints, params.floats, lut,
         *q8.stride(), *k8.stride(), *v8.stride(), *out.stride(), *bias_strides,
         h,
-        N_CTX=n, HEAD_DIM=d, HAS_BIAS=bias is not None, OUT_FLOAT=out_dtype is not _INT8,
+        N_CTX=n, HEAD_DIM=d, HAS_BIAS=bias is not None, OUT_FLOAT=out_dtype is not _INT8, V_KEYS=v_keys(v8),
         BLOCK_M=bm, BLOCK_N=config.block_n,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
@@ -165,6 +166,44 @@ def launch_module(
 
 _NO_STRIDES = (0, 0, 0, 0)
 _INT8 = torch.int8
+
+
+def v_keys(v: torch.Tensor) -> int:
+    """The kernel's V_KEYS for ``v``: ``quant.padded_keys(N)`` when v is key-major (unit key
+    stride, a multiple-of-16 row pitch that holds the padded keys, storage that covers the last
+    padded key), so its loads take whole 16-key vectors; else N."""
+    b, h, n, d = v.shape
+    if n < 2 or d < 2 or v.stride(2) != 1:
+        return n
+    np_, pitch = quant.padded_keys(n), v.stride(3)
+    if pitch % quant.KEY_GROUP or pitch < np_:
+        return n
+    last = v.storage_offset() + (b - 1) * v.stride(0) + (h - 1) * v.stride(1) + (d - 1) * pitch + np_ - 1
+    return np_ if last < v.untyped_storage().nbytes() // v.element_size() else n
+
+
+# -- float inputs at static (calibrated) scales ---------------------------------------------------
+def launch_static(
+    module: ModuleType,
+    config: KernelConfig,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    params: quant.KernelParams,
+    bias: torch.Tensor | None,
+    out: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    *,
+    fast: bool = False,
+) -> torch.Tensor:
+    """Float q, k, v (any strides) at static scales, quantized by the kernel as it loads them
+    (``quant.quantize``'s bits, from the reciprocals in ``params.floats[1:4]``): one launch.
+    Programs that share a head each quantize its K and V again; measured on an H100, that still
+    beat a separate quantization launch on ViT-B (docs/perf-notes.md).  ``fast``: CUDA without
+    bias may take ``launch_fast``.  No checks, no sync."""
+    if fast and bias is None:
+        return launch_fast(module, config, q, k, v, params, out, out_dtype)
+    return launch_module(module, config, q, k, v, params, bias, out, out_dtype)
 
 
 # -- direct launch of the compiled kernel (CUDA hot path of kernel.Kernel) ---------------------------
@@ -178,22 +217,30 @@ _FAST_TRITON = triton.__version__.startswith("3.6.")
 
 
 def launch_fast(module, config, q8, k8, v8, params, out, out_dtype) -> torch.Tensor:
-    """``launch_module`` without bias for CUDA tensors; falls back to it where the key can't cover."""
+    """``launch_module`` without bias for CUDA tensors; falls back to it where the key can't cover.
+    q8, k8, v8 are int8, or float (quantized on load at the scales in ``params.floats``)."""
     b, h, n, d = q8.shape
     if out is None:
         out = torch.empty((b, h, n, d), dtype=out_dtype, device=q8.device)
-    if not (_FAST_TRITON and q8.is_contiguous() and k8.is_contiguous() and v8.is_contiguous() and out.is_contiguous()):
+    if not (_FAST_TRITON and q8.is_contiguous() and k8.is_contiguous() and out.is_contiguous()):
         return launch_module(module, config, q8, k8, v8, params, None, out, out_dtype)
     if n == 0 or b * h == 0:
         return out
+    if v8.is_contiguous():
+        vk, v_strides = n, (h * n * d, n * d, d, 1)
+    else:  # key-major (quant.key_major) exactly, or the normal launch
+        vk = quant.padded_keys(n)
+        v_strides = (h * d * vk, d * vk, 1, vk)
+        if v8.stride() != v_strides or v_keys(v8) != vk:
+            return launch_module(module, config, q8, k8, v8, params, None, out, out_dtype)
     ints = params.ints
     ptrs = (q8.data_ptr(), k8.data_ptr(), v8.data_ptr(), out.data_ptr(), ints.data_ptr(), params.floats.data_ptr())
-    key = (n, d, h, out_dtype, tuple(p & 15 == 0 for p in ptrs))
+    key = (n, d, h, vk, q8.dtype, out_dtype, tuple(p & 15 == 0 for p in ptrs))
     cache = module.__dict__.setdefault("_qflash_fast", {})
     entry = cache.get(key)
     if entry is None:
         launch_module(module, config, q8, k8, v8, params, None, out, out_dtype)  # compiles if needed
-        cache[key] = _compiled_for(module, config, q8, k8, v8, params, out, out_dtype)
+        cache[key] = _compiled_for(module, config, q8, k8, v8, params, out, out_dtype, v_strides, vk)
         return out
     compiled, consts = entry
     lut = _lut(config.lut_bits, q8.device) if config.exp_variant == "lut" else ints
@@ -201,7 +248,7 @@ def launch_fast(module, config, q8, k8, v8, params, out, out_dtype) -> torch.Ten
     s_h = n * d
     args = (
         q8, k8, v8, out, ints, ints, params.floats, lut,
-        s_b, s_h, d, 1, s_b, s_h, d, 1, s_b, s_h, d, 1, s_b, s_h, d, 1, 0, 0, 0, 0, h, *consts,
+        s_b, s_h, d, 1, s_b, s_h, d, 1, *v_strides, s_b, s_h, d, 1, 0, 0, 0, 0, h, *consts,
     )  # fmt: skip
     bm = config.block_m
     grid = ((n + bm - 1) // bm, b * h, 1)
@@ -214,17 +261,17 @@ def launch_fast(module, config, q8, k8, v8, params, out, out_dtype) -> torch.Ten
     return out
 
 
-def _compiled_for(module, config, q8, k8, v8, params, out, out_dtype):
+def _compiled_for(module, config, q8, k8, v8, params, out, out_dtype, v_strides, vk):
     """The CompiledKernel Triton picked for these arguments (warmup: looks up, launches nothing)."""
     b, h, n, d = q8.shape
-    consts = (n, d, False, out_dtype is not _INT8, config.block_m, config.block_n)
+    consts = (n, d, False, out_dtype is not _INT8, vk, config.block_m, config.block_n)
     ints = params.ints
     lut = _lut(config.lut_bits, q8.device) if config.exp_variant == "lut" else ints
     s_b, s_h = h * n * d, n * d  # the strides launch_fast passes (the same as any contiguous tensor's
-    strides = (s_b, s_h, d, 1) * 4  # except on size-1 dims, where no index ever multiplies them)
-    compiled = module._qflash_fwd.warmup(
+    strides = (s_b, s_h, d, 1) * 2 + v_strides + (s_b, s_h, d, 1)  # except on size-1 dims, where
+    compiled = module._qflash_fwd.warmup(  # no index ever multiplies them)
         q8, k8, v8, out, ints, ints, params.floats, lut, *strides, 0, 0, 0, 0, h,
-        N_CTX=n, HEAD_DIM=d, HAS_BIAS=False, OUT_FLOAT=out_dtype is not _INT8,
+        N_CTX=n, HEAD_DIM=d, HAS_BIAS=False, OUT_FLOAT=out_dtype is not _INT8, V_KEYS=vk,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         num_warps=config.num_warps, num_stages=config.num_stages, grid=(1,),
     )  # fmt: skip

@@ -241,9 +241,12 @@ def test_call_rejects_what_the_kernel_was_not_looked_up_for(tdb):
     q8 = torch.zeros(1, 2, 41, 32, dtype=torch.int8)
     with pytest.raises(ValueError, match="N=41, D=32 but this kernel is for N=40"):
         kern(q8, q8, q8, (0.1, 0.1, 0.1))
-    f = torch.zeros(1, 2, 40, 32)
-    with pytest.raises(ValueError, match="q has dtype torch.float32"):
-        kern(f, f, f, (0.1, 0.1, 0.1))
+    i16 = torch.zeros(1, 2, 40, 32, dtype=torch.int16)
+    with pytest.raises(ValueError, match="q has dtype torch.int16"):
+        kern(i16, i16, i16, (0.1, 0.1, 0.1))
+    f = torch.zeros(1, 2, 40, 32)  # float inputs are taken (static scales), but not mixed with int8
+    with pytest.raises(ValueError, match="one dtype"):
+        kern(f, q8[:, :, :40], f, (0.1, 0.1, 0.1))
     ok = torch.zeros(1, 2, 40, 32, dtype=torch.int8)
     with pytest.raises(ValueError, match="scales"):
         kern(ok, ok, ok, (0.1, 0.1))

@@ -110,7 +110,11 @@ def test_db_best_is_enqueued_first(synthetic_table, dirs, capsys):  # noqa: F811
     # then the safe default, mapped into the table's space (its 7-bit-P, shift8 grid)
     default = runtime.default_config(shape.n, shape.d)
     assert second.p_bits == 7 and second.rescale == "shift"
-    assert (second.block_m, second.block_n, second.exp_variant) == (default.block_m, default.block_n, default.exp_variant)
+    assert (second.block_m, second.block_n, second.exp_variant) == (
+        default.block_m,
+        default.block_n,
+        default.exp_variant,
+    )
 
 
 def test_pareto_objective_stores_the_front(synthetic_table, dirs, capsys):  # noqa: F811

@@ -65,7 +65,7 @@ def main() -> int:
         *q8.stride(), *k8.stride(), *v8.stride(), *out.stride(), 0, 0, 0, 0, h,
     )  # fmt: skip
     consts = dict(
-        N_CTX=n, HEAD_DIM=d, HAS_BIAS=False, OUT_FLOAT=True, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        N_CTX=n, HEAD_DIM=d, HAS_BIAS=False, OUT_FLOAT=True, V_KEYS=n, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     fn = module._qflash_fwd

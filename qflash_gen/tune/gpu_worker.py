@@ -93,7 +93,8 @@ def _inputs(shape: ShapeSpec, seed: int, device: torch.device) -> dict[str, Any]
     g = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + zlib.crc32(repr(shape.match_key()).encode()))
     q, k, v = (torch.randn((b, h, n, d), generator=g).to(device) for _ in range(3))
     sq, sk, sv = (quant.dynamic_scale(t) for t in (q, k, v))
-    q8, k8, v8 = quant.quantize(q, sq), quant.quantize(k, sk), quant.quantize(v, sv)
+    # v8 key-major: the layout the quantizers (quant_kernels) hand the kernel on the call path
+    q8, k8, v8 = quant.quantize(q, sq), quant.quantize(k, sk), quant.key_major(quant.quantize(v, sv))
     params = quant.make_params(sq, sk, sv, head_dim=d, device=device)
     mask = float_bias = bias = None
     if shape.masked:

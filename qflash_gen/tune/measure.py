@@ -184,7 +184,8 @@ class Protocol:
             "l2_flush": self.timing == "do_bench",
             "out_dtype": self.out_dtype,
             "seed": self.seed,
-            "inputs": "fresh randn fp32 q, k, v per shape, per-tensor dynamic int8 scales; masked shapes: "
+            "inputs": "fresh randn fp32 q, k, v per shape, per-tensor dynamic int8 scales, int8 v key-major "
+            "(quant.key_major, as quant_kernels writes it); masked shapes: "
             "Swin shifted-window mask + randn*2 relative-position bias",
             "correctness": "bit-exact vs the integer oracle reference_int8 (same config) before timing; a mismatch fails the trial",
             "sqnr": "float output (fp16 when timing int8) vs fp64 attention of the dequantized int8 inputs",
