@@ -72,11 +72,14 @@ def softmax_p(y: torch.Tensor, ints: torch.Tensor, config: KernelConfig, lut: to
     if bool((y < 0).any()):
         raise ValueError("softmax_p expects y >= 0")
     r_, mq = (ints[i].to(torch.int64) for i in range(2))
-    hp = (config.p_max * 16384 + (r_ >> 1)) // r_
-    y = torch.minimum(y, 16 * r_ - 1)
-    q = (y * mq) >> 26
-    t = config.p_max * 32768 - (y - q * r_) * hp
-    return ((t >> q) + 16384) >> 15
+    hp = (config.p_max * 16384 + r_ - 1) // r_
+    y = torch.minimum(y + 15 * r_, 31 * r_ - 1)  # the kernel adds 15R to the row max
+    qq = (y * mq) >> 26  # q + 15
+    t = config.p_max * 32768 - (y - qq * r_) * hp
+    _check(t, config, "shift numerator")
+    if bool((t < 0).any()):
+        raise AssertionError("shift numerator t < 0: the quotient bound failed")
+    return t >> qq
 
 
 def rescale(x: torch.Tensor, alpha: torch.Tensor, ints: torch.Tensor, config: KernelConfig) -> torch.Tensor:

@@ -5,9 +5,18 @@
 Per workload x batch it records (one CSV row per measurement):
   mode=kernel  qflash-gen int8-in kernel (pre-quantized inputs, the launch alone), do_bench median
   mode=graph   the same launch and each SDPA backend under CUDA-graph replay
+  mode=kernel_int8out  the same kernel with int8 out, do_bench median
   mode=fp16    fp16 in -> fp16 out: qflash_gen.attention (dynamic quantization included) and SDPA
+  mode=fp16_static, graph_fp16_static
+               fp16 in -> fp16 out at static per-tensor scales (calibrated once on the input, as
+               get_kernel(shape)(q, k, v, (sq, sk, sv)) with float scales): runtime.launch_static,
+               q, k, v quantized inside the kernel's loads (fused_quant=True: one launch; False:
+               one quantization launch before the kernel); do_bench and graph replay
 Each qflash row is checked against the integer oracle on the GPU first (oracle_equal) and carries
-its SQNR vs fp64.  do_bench flushes L2 between repeats.  Writes <out>/<gpu>.csv and <gpu>.md.
+its SQNR vs fp64.  do_bench flushes L2 between repeats.  The kernel row also carries the fraction
+of each limit it reaches (qflash_gen/roofline.py): hbm_frac, mma_frac, alu_frac (from the SASS of
+the measured config and shape; single-pass configs only) and int_instr_per_score.
+Writes <out>/<gpu>.csv and <gpu>.md.
 
 With --energy (needs nvidia-ml-py and a GPU with NVML's energy counter) it also records
   mode=energy  µJ per call of the qflash int8-in kernel and of each SDPA fp16 backend, all under
@@ -34,7 +43,7 @@ import triton.testing
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qflash_gen import quant, reference, runtime  # noqa: E402
+from qflash_gen import cli, codegen, quant, reference, roofline, runtime  # noqa: E402
 from qflash_gen.config import KernelConfig  # noqa: E402
 from qflash_gen.kernel import get_kernel  # noqa: E402
 
@@ -110,7 +119,49 @@ def _problem(name: str, batch: int, config: KernelConfig | None):
     return shape, shape, (q, k, v), ref, picked, q8s, params
 
 
-def bench_one(name: str, batch: int, config: KernelConfig | None, rows: list[dict], gpu: str) -> None:
+_SASS: dict[tuple, str | None] = {}
+
+
+def _sass(cfg: KernelConfig, h: int, n: int, d: int) -> str | None:
+    """SASS of the int8-in, fp16-out kernel for this config and (H, N, D), compiled once for this
+    GPU's arch (B is only the grid: the compiled kernel does not depend on it); None if it fails."""
+    key = (cfg, h, n, d)
+    if key not in _SASS:
+        major, minor = torch.cuda.get_device_capability()
+        try:
+            asm = cli.compile_asm(cfg, (1, h, n, d), masked=False, out_dtype="fp16", arch=major * 10 + minor)
+            _SASS[key] = asm.stages["sass"]
+        except cli.CommandError as exc:
+            print(f"  ALU fraction n/a for {cfg.short()} H={h} N={n} D={d}: {exc}", file=sys.stderr)
+            _SASS[key] = None
+    return _SASS[key]
+
+
+def _limits(shape, cfg: KernelConfig, us: float, gpu: str, clock_mhz: float) -> dict:
+    f = roofline.fractions(shape, cfg, us, gpu, clock_mhz=clock_mhz, sass=_sass(cfg, *shape[1:]))
+    return {
+        "hbm_frac": f.hbm,
+        "mma_frac": f.mma,
+        "alu_frac": f.alu,
+        "int_instr_per_score": f.int_instr_per_score,
+    }
+
+
+def _fuses_quantization(cfg: KernelConfig, n: int) -> bool:
+    """Whether launch_static quantizes inside the kernel's loads (one launch).  The runtime now
+    always does; one that still has ``fuses_quantization`` did only where N <= BLOCK_M."""
+    fuses = getattr(runtime, "fuses_quantization", None)
+    return True if fuses is None else bool(fuses(cfg, n))
+
+
+def bench_one(
+    name: str,
+    batch: int,
+    config: KernelConfig | None,
+    rows: list[dict],
+    gpu: str,
+    clock_mhz: float = roofline.DEFAULT_CLOCK_MHZ,
+) -> None:
     shape, (b, h, n, d), (q, k, v), ref, (cfg, why), (q8, k8, v8), params = _problem(name, batch, config)
     out8 = torch.empty(shape, dtype=torch.int8, device="cuda")
     out16 = torch.empty(shape, dtype=torch.float16, device="cuda")
@@ -127,14 +178,16 @@ def bench_one(name: str, batch: int, config: KernelConfig | None, rows: list[dic
     sq_db = reference.sqnr_db(out16, ref)
     base = dict(gpu=gpu, workload=name, batch=batch, B=b, H=h, N=n, D=d, config=cfg.short(), lookup=why)
     for mode, fn, graph in (("kernel", kern16, False), ("graph", kern16, True)):
+        us = _median_us(fn, graph)
         rows.append(
             {
                 **base,
                 "mode": mode,
                 "impl": "qflash_gen",
-                "us": _median_us(fn, graph),
+                "us": us,
                 "sqnr_db": sq_db,
                 "oracle_equal": equal,
+                **(_limits(shape, cfg, us, gpu, clock_mhz) if mode == "kernel" else {}),
             }
         )
     rows.append(
@@ -162,6 +215,35 @@ def bench_one(name: str, batch: int, config: KernelConfig | None, rows: list[dic
             "oracle_equal": equal,
         }
     )
+
+    # Static scales: calibrated once (Python floats), then fp16 in -> fp16 out in one or two launches.
+    ssq, ssk, ssv = (float(quant.dynamic_scale(t)) for t in (q, k, v))
+    sparams = quant.make_params(ssq, ssk, ssv, head_dim=d, device="cuda")
+    module = codegen.load(cfg)
+    out16s = torch.empty(shape, dtype=torch.float16, device="cuda")
+
+    def static16():
+        runtime.launch_static(module, cfg, q, k, v, sparams, None, out16s, torch.float16, fast=True)
+
+    static16()
+    q8s = tuple(quant.quantize(t, s) for t, s in ((q, ssq), (k, ssk), (v, ssv)))
+    want_s = reference.reference_int8(*q8s, sparams, cfg, out_dtype=torch.float16)
+    equal_s = bool(torch.equal(out16s.view(torch.int16), want_s.view(torch.int16)))
+    sq_db_s = reference.sqnr_db(out16s, ref)
+    fused = _fuses_quantization(cfg, n)
+    for mode, graph in (("fp16_static", False), ("graph_fp16_static", True)):
+        rows.append(
+            {
+                **base,
+                "mode": mode,
+                "impl": "qflash_gen",
+                "us": _median_us(static16, graph),
+                "sqnr_db": sq_db_s,
+                "oracle_equal": equal_s,
+                "fused_quant": fused,
+            }
+        )
+
     for impl in SDPA_BACKENDS:
         fn = _sdpa(impl)
         try:
@@ -287,12 +369,33 @@ def energy_markdown(rows: list[dict], counter: str, min_seconds: float, repeats:
     return "\n".join(out)
 
 
+def _limits_cell(r: dict) -> str:
+    def pct(x):
+        return "–" if x is None or x == "" else f"{100 * x:.0f}"
+
+    return " / ".join(pct(r.get(k)) for k in ("hbm_frac", "mma_frac", "alu_frac"))
+
+
+def limits_line(gpu: str, clock_mhz: float, clock_source: str) -> str:
+    """The header line naming the peaks and the clock the limits column uses."""
+    pk = roofline.PEAKS.get(gpu)
+    if pk is None:
+        return f"Limits: no peaks known for {gpu!r} (roofline.PEAKS), so no fractions."
+    return (
+        f"Limits (qflash_gen/roofline.py): HBM {pk.hbm_bytes_per_s / 1e12:.2f} TB/s, dense int8 tensor "
+        f"{pk.int8_ops_per_s / 1e12:.0f} TOPS, integer ALU {pk.sms} SMs × {pk.int32_lanes_per_sm} INT32 lanes "
+        f"(ALU pipe and IMAD sharing them) at {clock_mhz:.0f} MHz ({clock_source})."
+    )
+
+
 def markdown(rows: list[dict], gpu: str, header: str) -> str:
     out = [
         header,
         "",
-        "| workload | batch | qflash kernel µs | qflash graph µs | qflash fp16→fp16 µs | best SDPA fp16 µs (backend) | best SDPA graph µs | kernel ratio | graph ratio | fp16 ratio | SQNR dB | == oracle | config (lookup) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| workload | batch | qflash kernel µs | qflash graph µs | qflash fp16→fp16 µs | qflash fp16→fp16 static µs "
+        "| best SDPA fp16 µs (backend) | best SDPA graph µs | kernel ratio | graph ratio | fp16 ratio | static ratio "
+        "| limits % (HBM/MMA/ALU) | SQNR dB | == oracle (kernel/static) | config (lookup) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     keys = sorted({(r["workload"], r["batch"]) for r in rows}, key=lambda x: (x[0], x[1]))
     for wl, bt in keys:
@@ -302,19 +405,26 @@ def markdown(rows: list[dict], gpu: str, header: str) -> str:
             return next((r for r in rs if r["mode"] == mode and r["impl"] == impl), None)
 
         qk, qg, qf = get("kernel", "qflash_gen"), get("graph", "qflash_gen"), get("fp16", "qflash_gen")
+        qs = get("fp16_static", "qflash_gen")
         sd = [r for r in rs if r["mode"] == "fp16" and r["impl"] != "qflash_gen"]
         sg = [r for r in rs if r["mode"] == "graph" and r["impl"] != "qflash_gen"]
         best = min(sd, key=lambda r: r["us"]) if sd else None
         bestg = min(sg, key=lambda r: r["us"]) if sg else None
         ratio = lambda a, b: f"{b['us'] / a['us']:.2f}×" if a and b else "n/a"  # noqa: E731
+        static = f"{qs['us']:.1f} ({'1 launch' if qs['fused_quant'] else '2 launches'})" if qs else "n/a"
         out.append(
-            f"| {wl} | {bt} | {qk['us']:.1f} | {qg['us']:.1f} | {qf['us']:.1f} | "
+            f"| {wl} | {bt} | {qk['us']:.1f} | {qg['us']:.1f} | {qf['us']:.1f} | {static} | "
             f"{best['us']:.1f} ({best['impl']}) | {bestg['us']:.1f} | {ratio(qk, best)} | {ratio(qg, bestg)} | "
-            f"{ratio(qf, best)} | {qk['sqnr_db']:.1f} | {qk['oracle_equal']} | {qk['config']} ({qk['lookup']}) |"
+            f"{ratio(qf, best)} | {ratio(qs, best)} | {_limits_cell(qk)} | {qk['sqnr_db']:.1f} | "
+            f"{qk['oracle_equal']}/{qs['oracle_equal'] if qs else 'n/a'} | {qk['config']} ({qk['lookup']}) |"
         )
     out.append("")
     out.append(
-        "Ratios are best-SDPA time / qflash time (>1: qflash faster). kernel: int8 in, fp16 out, the launch alone."
+        "Ratios are best-SDPA fp16 time / qflash time (>1: qflash faster; graph ratio: both under CUDA-graph "
+        "replay). kernel: int8 in, fp16 out, the launch alone. fp16→fp16: dynamic scales (max|x|/127 on every "
+        "call). static: per-tensor scales calibrated once on the input (Python floats), then fp16 q, k, v "
+        "quantized inside the kernel's loads (1 launch; 2 launches: a quantization launch first). limits %: the kernel row's share of peak HBM bandwidth, dense int8 tensor rate and "
+        "integer-ALU rate (– where not modelled: ALU only for single-pass configs, from their SASS)."
     )
     return "\n".join(out)
 
@@ -348,10 +458,11 @@ def main(argv: list[str] | None = None) -> int:
         fields = KernelConfig().to_dict()
         cfg = KernelConfig(**{k: (int(v) if isinstance(fields[k], int) else v) for k, v in kv.items()})
     gpu = gpu_label()
+    clock_mhz, clock_source = roofline.max_sm_clock_mhz(torch.cuda.current_device())
     rows: list[dict] = []
     for wl in args.workloads.split(","):
         for bt in (int(x) for x in args.batches.split(",")):
-            bench_one(wl, bt, cfg, rows, gpu)
+            bench_one(wl, bt, cfg, rows, gpu, clock_mhz)
             last = [r for r in rows if r["workload"] == wl and r["batch"] == bt]
             print(" ".join(f"{r['mode']}/{r['impl']}={r['us']:.1f}" for r in last), flush=True)
             if counter is not None:
@@ -385,7 +496,8 @@ def main(argv: list[str] | None = None) -> int:
             if counter
             else ""
         )
-        + "`"
+        + "`\n\n"
+        + limits_line(gpu, clock_mhz, clock_source)
     )
     md = markdown(rows, gpu, header)
     if counter is not None:
