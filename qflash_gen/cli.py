@@ -477,6 +477,8 @@ def kernel_arguments(
         BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
+    if config.max_regs:
+        kwargs["maxnreg"] = config.max_regs
     return args, kwargs
 
 

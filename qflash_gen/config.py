@@ -34,6 +34,7 @@ R_MAX = 65535
 # Magnitude bounds used by the overflow check: |v| <= 128, |q|, |k| <= 128, and every softmax
 # numerator p <= config.p_max (127 or 16383).
 P_MAX = 127  # p_max of the paper's 7-bit P (p_bits=7)
+MAX_REGS_RANGE = (24, 255)  # Triton's maxnreg: multiples of 8 (ptxas rounds to its allocation unit)
 V_ABS_MAX = 128
 Q_ABS_MAX = 128
 
@@ -64,6 +65,11 @@ class KernelConfig:
             two MMAs: small probabilities of peaked rows survive; see docs/fidelity.md).
             The field defaults to 7 so that configs recorded before it existed read unchanged;
             ``DEFAULT_CONFIG`` uses 14.
+        max_regs: registers per thread the compiler may use (Triton's ``maxnreg``), 0 = its own
+            choice.  Fewer registers fit more programs on an SM (65536 registers: at 4 warps,
+            168 allows 3 programs, 128 allows 4), at the price of spills where the kernel needs
+            more.  Left out of ``to_dict`` (and so of ``hash``) when 0: configs recorded before the
+            field existed keep their hash.
     """
 
     block_m: int = 64
@@ -76,6 +82,7 @@ class KernelConfig:
     rescale_bits: int = 8
     lut_bits: int = 0
     p_bits: int = 7
+    max_regs: int = 0
 
     def __post_init__(self) -> None:
         def bad(field: str, value: Any, allowed: str) -> ValueError:
@@ -111,6 +118,10 @@ class KernelConfig:
             raise bad("lut_bits", self.lut_bits, "0 unless exp_variant='lut'")
         if self.p_bits not in P_BITS_VALUES:
             raise bad("p_bits", self.p_bits, f"one of {P_BITS_VALUES}")
+        if self.max_regs != 0 and not (
+            MAX_REGS_RANGE[0] <= self.max_regs <= MAX_REGS_RANGE[1] and self.max_regs % 8 == 0
+        ):
+            raise bad("max_regs", self.max_regs, f"0 or a multiple of 8 in {MAX_REGS_RANGE[0]}..{MAX_REGS_RANGE[1]}")
 
     @property
     def p_max(self) -> int:
@@ -119,7 +130,10 @@ class KernelConfig:
 
     # -- plain-mapping round trip (what YAML and Optuna see) -------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["max_regs"] == 0:
+            del d["max_regs"]
+        return d
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> KernelConfig:
@@ -148,6 +162,7 @@ class KernelConfig:
         return (
             f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}"
             f" exp={self.exp_variant}{extra} acc{self.acc_bits} rescale={rs} p{self.p_bits}"
+            + (f" r{self.max_regs}" if self.max_regs else "")
         )
 
 

@@ -159,9 +159,13 @@ def launch_module(
         h,
         N_CTX=n, HEAD_DIM=d, HAS_BIAS=bias is not None, OUT_FLOAT=out_dtype is not _INT8, V_KEYS=v_keys(v8),
         BLOCK_M=bm, BLOCK_N=config.block_n,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        num_warps=config.num_warps, num_stages=config.num_stages, **_maxnreg(config),
     )  # fmt: skip
     return out
+
+
+def _maxnreg(config: KernelConfig) -> dict:
+    return {"maxnreg": config.max_regs} if config.max_regs else {}
 
 
 _NO_STRIDES = (0, 0, 0, 0)
@@ -200,7 +204,11 @@ def launch_static(
     (``quant.quantize``'s bits, from the reciprocals in ``params.floats[1:4]``): one launch.
     Programs that share a head each quantize its K and V again; measured on an H100, that still
     beat a separate quantization launch on ViT-B (docs/perf-notes.md).  ``fast``: CUDA without
-    bias may take ``launch_fast``.  No checks, no sync."""
+    bias may take ``launch_fast``.  No checks, no sync.  ``config.max_regs`` is not applied: it
+    is tuned on int8 inputs, and the in-load quantization needs registers a cap would spill
+    (ViT-B on an H100: 128 µs uncapped, 230 µs at 168 registers)."""
+    if config.max_regs:
+        config = config.replace(max_regs=0)  # the same rendered module (max_regs is a launch option)
     if fast and bias is None:
         return launch_fast(module, config, q, k, v, params, out, out_dtype)
     return launch_module(module, config, q, k, v, params, bias, out, out_dtype)
@@ -273,7 +281,7 @@ def _compiled_for(module, config, q8, k8, v8, params, out, out_dtype, v_strides,
         q8, k8, v8, out, ints, ints, params.floats, lut, *strides, 0, 0, 0, 0, h,
         N_CTX=n, HEAD_DIM=d, HAS_BIAS=False, OUT_FLOAT=out_dtype is not _INT8, V_KEYS=vk,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        num_warps=config.num_warps, num_stages=config.num_stages, grid=(1,),
+        num_warps=config.num_warps, num_stages=config.num_stages, grid=(1,), **_maxnreg(config),
     )  # fmt: skip
     if hasattr(compiled, "result"):
         compiled = compiled.result()

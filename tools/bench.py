@@ -3,15 +3,15 @@
     python tools/bench.py --workloads A1,A2,A3,A4,A5,A6,A7 --batches 1,8,64 --out docs/benchmarks
 
 Per workload x batch it records (one CSV row per measurement):
-  mode=kernel  qflash-gen int8-in kernel (pre-quantized inputs, the launch alone), do_bench median
+  mode=kernel  qflash-gen int8-in kernel (pre-quantized inputs, V key-major as quant_kernels writes
+               it; the launch alone), do_bench median
   mode=graph   the same launch and each SDPA backend under CUDA-graph replay
   mode=kernel_int8out  the same kernel with int8 out, do_bench median
   mode=fp16    fp16 in -> fp16 out: qflash_gen.attention (dynamic quantization included) and SDPA
   mode=fp16_static, graph_fp16_static
                fp16 in -> fp16 out at static per-tensor scales (calibrated once on the input, as
                get_kernel(shape)(q, k, v, (sq, sk, sv)) with float scales): runtime.launch_static,
-               q, k, v quantized inside the kernel's loads (fused_quant=True: one launch; False:
-               one quantization launch before the kernel); do_bench and graph replay
+               q, k, v quantized inside the kernel's loads (one launch); do_bench and graph replay
 Each qflash row is checked against the integer oracle on the GPU first (oracle_equal) and carries
 its SQNR vs fp64.  do_bench flushes L2 between repeats.  The kernel row also carries the fraction
 of each limit it reaches (qflash_gen/roofline.py): hbm_frac, mma_frac, alu_frac (from the SASS of
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import datetime
 import math
 import sys
@@ -103,7 +104,8 @@ def _sdpa(backend: str):
 def _problem(name: str, batch: int, config: KernelConfig | None):
     """The inputs every measurement of (workload, batch) shares: fp16 uniform [-4, 4) q, k, v (same
     seed in every mode), the fp64 reference, the config (the DB's pick unless given), and the int8
-    tensors with their kernel constants."""
+    tensors with their kernel constants (v8 key-major, as quant_kernels writes it for the kernel:
+    quant.key_major)."""
     shape = shape_of(name, batch)
     g = torch.Generator(device="cuda").manual_seed(1234 + batch)
     q, k, v = ((torch.rand(shape, device="cuda", generator=g) * 8 - 4).half() for _ in range(3))
@@ -114,7 +116,7 @@ def _problem(name: str, batch: int, config: KernelConfig | None):
     else:
         picked = (config, "explicit")
     sq, sk, sv = (quant.dynamic_scale(t) for t in (q, k, v))
-    q8s = tuple(quant.quantize(t, s) for t, s in ((q, sq), (k, sk), (v, sv)))
+    q8s = (quant.quantize(q, sq), quant.quantize(k, sk), quant.key_major(quant.quantize(v, sv)))
     params = quant.make_params(sq, sk, sv, head_dim=shape[3])
     return shape, shape, (q, k, v), ref, picked, q8s, params
 
@@ -145,13 +147,6 @@ def _limits(shape, cfg: KernelConfig, us: float, gpu: str, clock_mhz: float) -> 
         "alu_frac": f.alu,
         "int_instr_per_score": f.int_instr_per_score,
     }
-
-
-def _fuses_quantization(cfg: KernelConfig, n: int) -> bool:
-    """Whether launch_static quantizes inside the kernel's loads (one launch).  The runtime now
-    always does; one that still has ``fuses_quantization`` did only where N <= BLOCK_M."""
-    fuses = getattr(runtime, "fuses_quantization", None)
-    return True if fuses is None else bool(fuses(cfg, n))
 
 
 def bench_one(
@@ -230,7 +225,6 @@ def bench_one(
     want_s = reference.reference_int8(*q8s, sparams, cfg, out_dtype=torch.float16)
     equal_s = bool(torch.equal(out16s.view(torch.int16), want_s.view(torch.int16)))
     sq_db_s = reference.sqnr_db(out16s, ref)
-    fused = _fuses_quantization(cfg, n)
     for mode, graph in (("fp16_static", False), ("graph_fp16_static", True)):
         rows.append(
             {
@@ -240,7 +234,6 @@ def bench_one(
                 "us": _median_us(static16, graph),
                 "sqnr_db": sq_db_s,
                 "oracle_equal": equal_s,
-                "fused_quant": fused,
             }
         )
 
@@ -411,7 +404,7 @@ def markdown(rows: list[dict], gpu: str, header: str) -> str:
         best = min(sd, key=lambda r: r["us"]) if sd else None
         bestg = min(sg, key=lambda r: r["us"]) if sg else None
         ratio = lambda a, b: f"{b['us'] / a['us']:.2f}×" if a and b else "n/a"  # noqa: E731
-        static = f"{qs['us']:.1f} ({'1 launch' if qs['fused_quant'] else '2 launches'})" if qs else "n/a"
+        static = f"{qs['us']:.1f}" if qs else "n/a"
         out.append(
             f"| {wl} | {bt} | {qk['us']:.1f} | {qg['us']:.1f} | {qf['us']:.1f} | {static} | "
             f"{best['us']:.1f} ({best['impl']}) | {bestg['us']:.1f} | {ratio(qk, best)} | {ratio(qg, bestg)} | "
@@ -421,9 +414,9 @@ def markdown(rows: list[dict], gpu: str, header: str) -> str:
     out.append("")
     out.append(
         "Ratios are best-SDPA fp16 time / qflash time (>1: qflash faster; graph ratio: both under CUDA-graph "
-        "replay). kernel: int8 in, fp16 out, the launch alone. fp16→fp16: dynamic scales (max|x|/127 on every "
+        "replay). kernel: int8 in (V key-major), fp16 out, the launch alone. fp16→fp16: dynamic scales (max|x|/127 on every "
         "call). static: per-tensor scales calibrated once on the input (Python floats), then fp16 q, k, v "
-        "quantized inside the kernel's loads (1 launch; 2 launches: a quantization launch first). limits %: the kernel row's share of peak HBM bandwidth, dense int8 tensor rate and "
+        "quantized inside the kernel's loads (one launch). limits %: the kernel row's share of peak HBM bandwidth, dense int8 tensor rate and "
         "integer-ALU rate (– where not modelled: ALU only for single-pass configs, from their SASS)."
     )
     return "\n".join(out)
@@ -455,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = None
     if args.config:
         kv = dict(item.split("=", 1) for item in args.config.split(","))
-        fields = KernelConfig().to_dict()
+        fields = dataclasses.asdict(KernelConfig())
         cfg = KernelConfig(**{k: (int(v) if isinstance(fields[k], int) else v) for k, v in kv.items()})
     gpu = gpu_label()
     clock_mhz, clock_source = roofline.max_sm_clock_mhz(torch.cuda.current_device())

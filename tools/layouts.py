@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT / "tools"))
     cfg = None
     if args.config:
-        fields = KernelConfig().to_dict()
+        fields = dataclasses.asdict(KernelConfig())
         kv = dict(item.split("=", 1) for item in args.config.split(","))
         cfg = KernelConfig(**{k: (int(v) if isinstance(fields[k], int) else v) for k, v in kv.items()})
     rows = [r for wl in args.workloads.split(",") for bt in map(int, args.batches.split(",")) for r in run(wl, bt, cfg)]

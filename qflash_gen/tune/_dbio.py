@@ -99,20 +99,28 @@ def db_file(target: str | os.PathLike[str] | None, gpu_name: str) -> Path:
     return path / f"{gpu_name}.yaml"
 
 
-def db_best(target: str | os.PathLike[str] | None, gpu_name: str, key: keys.WorkloadKey) -> KernelConfig | None:
-    """The config the DB holds for ``key`` on ``gpu_name`` (shipped DB overlaid by ``--db``), or None.
+def db_best(
+    target: str | os.PathLike[str] | None, gpu_name: str, key: keys.WorkloadKey, *, shipped: bool = True
+) -> KernelConfig | None:
+    """The config the DB holds for ``key`` on ``gpu_name`` (shipped DB overlaid by ``--db``; without
+    ``shipped``, ``--db`` alone), or None.
 
     What the tuner enqueues first: the incumbent is measured again under this run's protocol."""
     path = db_file(target, gpu_name)
-    entry = db.TuningDB([db.shipped_db_dir(), path.parent]).lookup(gpu_name, key)  # a corrupt file: DBError
+    dirs = [db.shipped_db_dir(), path.parent] if shipped else [path.parent]
+    entry = db.TuningDB(dirs).lookup(gpu_name, key)  # a corrupt file: DBError
     return None if entry is None else entry.config
 
 
-def db_seeds(target: str | os.PathLike[str] | None, gpu_name: str, key: keys.WorkloadKey) -> list[KernelConfig]:
-    """Configs that stale entries for ``key`` hold (shipped DB and ``--db``; other template,
-    Triton or P width): a warm start for a new study, which measures them again like any trial."""
+def db_seeds(
+    target: str | os.PathLike[str] | None, gpu_name: str, key: keys.WorkloadKey, *, shipped: bool = True
+) -> list[KernelConfig]:
+    """Configs that stale entries for ``key`` hold (shipped DB unless not ``shipped``, and
+    ``--db``; other template, Triton or P width): a warm start for a new study, which measures
+    them again like any trial."""
     seeds: list[KernelConfig] = []
-    for path in (db.shipped_db_dir() / f"{gpu_name}.yaml", db_file(target, gpu_name)):
+    paths = [db.shipped_db_dir() / f"{gpu_name}.yaml"] if shipped else []
+    for path in (*paths, db_file(target, gpu_name)):
         if not path.is_file():
             continue
         try:

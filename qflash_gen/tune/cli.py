@@ -101,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="softmax-numerator widths to search: 14 (default of the tune grid), 7 (the paper's, "
         "faster, loses accuracy on trained ViTs), or 7,14",
     )
+    p.add_argument(
+        "--max-regs",
+        metavar="R[,R]",
+        help="register caps per thread to search (Triton's maxnreg; 0 = the compiler's choice): "
+        "default 0,168,128 on the tune grid",
+    )
     p.add_argument("--simulate", metavar="FILE", help="replay a recorded table instead of measuring on a GPU")
     p.add_argument("--simulate-delay", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--exhaustive", action="store_true", help="measure every config of the grid (needs --record)")
@@ -242,6 +248,12 @@ def _grid(args: argparse.Namespace, measurer: Any):
             grid = dataclasses.replace(grid, p_bits=bits)
         except ValueError as exc:
             raise UsageError(f"--p-bits {args.p_bits!r}: {exc}") from None
+    if getattr(args, "max_regs", None):
+        try:
+            regs = tuple(int(r) for r in args.max_regs.split(","))
+            grid = dataclasses.replace(grid, max_regs=regs)
+        except ValueError as exc:
+            raise UsageError(f"--max-regs {args.max_regs!r}: {exc}") from None
     return grid
 
 
@@ -264,18 +276,27 @@ def _plans(args: argparse.Namespace, gpu: str, dtype: str, shapes: list, grid: A
         enqueue: list[KernelConfig] = []
         if enqueue_db and not args.no_db:
             try:
-                incumbent = _dbio.db_best(args.db, gpu, _dbio.key_for(s, dtype))
+                # A replay (--simulate) lives in its table's world: the shipped DB's live
+                # measurements would make it depend on what this checkout ships.
+                incumbent = _dbio.db_best(args.db, gpu, _dbio.key_for(s, dtype), shipped=not args.simulate)
             except ValueError as exc:
                 raise UsageError(f"--db: {exc}") from None
             if incumbent is not None:
                 enqueue.append(incumbent)
             # stale winners (an older template or P width), mapped into this space: a warm start
-            for seed in _dbio.db_seeds(args.db, gpu, _dbio.key_for(s, dtype)):
+            for seed in _dbio.db_seeds(args.db, gpu, _dbio.key_for(s, dtype), shipped=not args.simulate):
                 adapted = space.adapt(seed)
                 if adapted is not None and adapted not in enqueue:
                     enqueue.append(adapted)
         default = runtime.default_config(s.n, s.d)
         enqueue.append(space.adapt(default) or default)
+        # then the same tilings under each register cap of the space (the cap moves latency a
+        # lot for the big single-pass tiles; docs/perf-notes.md)
+        for c in list(enqueue):
+            for r in space.choices["max_regs"]:
+                capped = c.replace(max_regs=r)
+                if capped not in enqueue and space.params_for(capped) is not None and space.check(capped) is None:
+                    enqueue.append(capped)
         plans.append((s, space, name, enqueue))
     return plans
 

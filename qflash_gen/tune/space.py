@@ -109,6 +109,8 @@ class Grid:
     # 14-bit P by default: the 7-bit P passes the SQNR floor on random inputs but loses up to
     # 8 dB on trained ViTs' peaked attention (docs/fidelity.md); `--p-bits 7,14` lets it compete.
     p_bits: tuple[int, ...] = (14,)
+    # Triton's maxnreg (0 = the compiler's choice); see KernelConfig.max_regs.
+    max_regs: tuple[int, ...] = (0,)
 
     def __post_init__(self) -> None:
         allowed = {
@@ -126,6 +128,10 @@ class Grid:
                 raise ValueError(f"Grid.{name}: {bad} not allowed; KernelConfig accepts {ok}")
             if name != "acc_bits" and not values:
                 raise ValueError(f"Grid.{name} is empty")
+        if not self.max_regs:
+            raise ValueError("Grid.max_regs is empty (0 = the compiler's choice)")
+        for r in self.max_regs:
+            KernelConfig(max_regs=r)  # ValueError naming the allowed values
         for token in self.exp:
             parse_exp(token)
         for token in self.rescale:
@@ -134,7 +140,10 @@ class Grid:
             raise ValueError("Grid.exp and Grid.rescale need at least one choice")
 
     def to_dict(self) -> dict[str, list]:
-        return {f.name: list(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        d = {f.name: list(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        if d["max_regs"] == [0]:
+            del d["max_regs"]  # grids (and space hashes) from before the axis existed read unchanged
+        return d
 
     @classmethod
     def from_configs(cls, configs: Iterable[KernelConfig]) -> Grid:
@@ -159,6 +168,7 @@ class Grid:
             rescale=values("rescale", rescale_token),
             acc_bits=() if accs == (32,) or _acc_is_derived(configs) else accs,
             p_bits=tuple(sorted(values("p_bits"))),
+            max_regs=values("max_regs"),
         )
 
 
@@ -171,7 +181,7 @@ def _acc_is_derived(configs: list[KernelConfig]) -> bool:
 GRIDS: dict[str, Grid] = {
     # Real tuning on a GPU: every tile value KernelConfig allows, and the numeric variants that
     # span the accuracy range (lut4 ~ coarse, lut8 ~ fine; rescale shift6 .. shift15 exact).
-    "tune": Grid(),
+    "tune": Grid(max_regs=(0, 168, 128)),  # 168: 3 programs of 4 warps per SM, 128: 4 (spills)
     # The exhaustive sweep recorded for simulation (tests/data/h100_sweep.csv): the tile axes that
     # move latency (issue 4: 1.5-2x between median and best) and two exp variants on either side
     # of the 30 dB floor (shift ~29 dB, poly2 ~37 dB at N=197 with fp16 output, CPU oracle).
@@ -260,6 +270,7 @@ class SearchSpace:
             "exp": tuple(grid.exp),
             "rescale": tuple(grid.rescale),
             "p_bits": tuple(grid.p_bits),
+            "max_regs": tuple(grid.max_regs),
         }
         if grid.acc_bits:
             self.choices["acc_bits"] = tuple(grid.acc_bits)
@@ -290,6 +301,7 @@ class SearchSpace:
             rescale_bits=rescale_bits,
             acc_bits=int(values.get("acc_bits", 32)),
             p_bits=int(values["p_bits"]),
+            max_regs=int(values["max_regs"]),
         )
         if "acc_bits" not in values and not cfgmod.fits(base, self.n, self.d):
             base = base.replace(acc_bits=64)
@@ -327,6 +339,7 @@ class SearchSpace:
             "exp": exp_token(config),
             "rescale": rescale_token(config),
             "p_bits": config.p_bits,
+            "max_regs": config.max_regs,
         }
         if "acc_bits" in self.choices:
             values["acc_bits"] = config.acc_bits
@@ -350,6 +363,7 @@ class SearchSpace:
             "exp": exp_token(config),
             "rescale": rescale_token(config),
             "p_bits": config.p_bits,
+            "max_regs": config.max_regs,
             "acc_bits": config.acc_bits,
         }
         names = list(self.choices)
