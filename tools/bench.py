@@ -16,7 +16,7 @@ Each qflash row is checked against the integer oracle on the GPU first (oracle_e
 its SQNR vs fp64.  do_bench flushes L2 between repeats.  The kernel row also carries the fraction
 of each limit it reaches (qflash_gen/roofline.py): hbm_frac, mma_frac, alu_frac (from the SASS of
 the measured config and shape; single-pass configs only) and int_instr_per_score.
-Writes <out>/<gpu>.csv and <gpu>.md.
+Writes <out>/<gpu>.csv, <gpu>.md and <gpu>.png (tools/plot_bench.py, with matplotlib).
 
 With --energy (needs nvidia-ml-py and a GPU with NVML's energy counter) it also records
   mode=energy  µJ per call of the qflash int8-in kernel and of each SDPA fp16 backend, all under
@@ -496,6 +496,16 @@ def main(argv: list[str] | None = None) -> int:
     if counter is not None:
         md += "\n\n" + energy_markdown(rows, counter.description, args.energy_seconds, args.energy_repeats)
     (out / f"{stem}.md").write_text(md + "\n")
+    try:  # the PNG next to them (tools/plot_bench.py; needs matplotlib)
+        sys.path.insert(0, str(ROOT / "tools"))
+        from plot_bench import plot
+
+        plot(out / f"{stem}.csv", out / f"{stem}.png")
+    except ImportError as exc:
+        print(
+            f"no plot ({exc}): pip install matplotlib, then python tools/plot_bench.py {out / stem}.csv",
+            file=sys.stderr,
+        )
     print(md)
     return 0
 
