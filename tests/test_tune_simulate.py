@@ -117,6 +117,37 @@ def test_db_best_is_enqueued_first(synthetic_table, dirs, capsys):  # noqa: F811
     )
 
 
+def test_winner_of_another_batch_bucket_is_enqueued(synthetic_table, dirs, capsys):  # noqa: F811
+    """No entry for b=8's key, one for b=64's (same N and D): that config is the first trial."""
+    from qflash_gen import db, runtime
+    from qflash_gen.keys import workload_key
+    from qflash_gen.tune import _dbio
+
+    table = read_table(synthetic_table)
+    b8 = next(s for s in table.shapes(SYNTHETIC_GPU) if s.workload == "vit_b" and s.batch == 8)
+    key64 = workload_key((64, b8.h, b8.n, b8.d), masked=b8.masked)
+    assert key64 != _dbio.key_for(b8, "fp16")
+    default = runtime.default_config(b8.n, b8.d)
+    rows = [r for r in table.rows_for(SYNTHETIC_GPU, b8) if r.measurement.feasible(30.0)]
+    other = next(r for r in rows if (r.config.block_m, r.config.block_n) != (default.block_m, default.block_n))
+    m = other.measurement
+    entry = db.Entry(
+        key=key64, config=other.config, latency_us=m.latency_us,
+        latency_spread_us=m.spread_us, sqnr_db=m.sqnr_db, trials=1, protocol={"source": "test b=64"},
+    )  # fmt: skip
+    db.write_entries(_dbio.db_file(dirs["db"], SYNTHETIC_GPU), [entry], gpu=SYNTHETIC_GPU)
+    code, _, err = _run(
+        capsys,
+        "--simulate", synthetic_table, "--workloads", "vit_b", "--batches", "8", "--db", dirs["db"],
+        "--trials", "2", "--storage", dirs["storage"],
+    )  # fmt: skip
+    assert code == 0, err
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(dirs["storage"])))
+    (name,) = optuna.get_all_study_names(storage)
+    trials = sorted(optuna.load_study(study_name=name, storage=storage).trials, key=lambda t: t.number)
+    assert KernelConfig.from_dict(trials[0].user_attrs["config"]) == other.config
+
+
 def test_pareto_objective_stores_the_front(synthetic_table, dirs, capsys):  # noqa: F811
     code, out, err = _run(
         capsys,

@@ -137,6 +137,33 @@ def db_seeds(
     return seeds
 
 
+def db_neighbors(
+    target: str | os.PathLike[str] | None, gpu_name: str, key: keys.WorkloadKey, *, shipped: bool = True
+) -> list[KernelConfig]:
+    """Configs of entries for the same N, D, masking and dtypes at other B*H buckets (nearest
+    bucket first; shipped DB unless not ``shipped``, and ``--db``): a warm start across batch
+    sizes, which a new study measures again like any trial."""
+    found: list[tuple[float, KernelConfig]] = []
+    paths = [db.shipped_db_dir() / f"{gpu_name}.yaml"] if shipped else []
+    for path in (*paths, db_file(target, gpu_name)):
+        if not path.is_file():
+            continue
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError):
+            continue
+        for entry in raw.get("entries") or []:
+            try:
+                other = keys.WorkloadKey.from_str(entry.get("key"))
+                dist = keys.key_distance(key, other)
+                if dist == 0 or dist == float("inf"):
+                    continue
+                found.append((dist, KernelConfig.from_dict(dict(entry.get("config") or {}))))
+            except (AttributeError, TypeError, ValueError):
+                continue
+    return [c for _, c in sorted(found, key=lambda t: t[0])]
+
+
 def _software(environment: Mapping[str, Any], space_hash: str) -> dict[str, str | None]:
     """Entry software fingerprint: the measuring machine's (a recorded table's environment, or this
     process when it measured live)."""

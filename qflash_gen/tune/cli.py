@@ -284,7 +284,11 @@ def _plans(args: argparse.Namespace, gpu: str, dtype: str, shapes: list, grid: A
             if incumbent is not None:
                 enqueue.append(incumbent)
             # stale winners (an older template or P width), mapped into this space: a warm start
-            for seed in _dbio.db_seeds(args.db, gpu, _dbio.key_for(s, dtype), shipped=not args.simulate):
+            key = _dbio.key_for(s, dtype)
+            seeds = _dbio.db_seeds(args.db, gpu, key, shipped=not args.simulate)
+            # then the winners at other batch buckets of the same N and D (nearest first)
+            seeds += _dbio.db_neighbors(args.db, gpu, key, shipped=not args.simulate)
+            for seed in seeds:
                 adapted = space.adapt(seed)
                 if adapted is not None and adapted not in enqueue:
                     enqueue.append(adapted)
