@@ -37,3 +37,15 @@ def test_tune_grid_searches_register_caps():
     assert Grid.from_configs([cfg, cfg.replace(max_regs=0)]).max_regs == (168, 0)
     with pytest.raises(ValueError, match="max_regs"):
         Grid(max_regs=(0, 99))
+
+
+def test_cli_grid_takes_and_checks_max_regs():
+    import argparse
+
+    from qflash_gen.tune import cli
+
+    args = argparse.Namespace(simulate=None, exhaustive=False, grid=None, p_bits=None, max_regs="0,168")
+    assert cli._grid(args, None).max_regs == (0, 168)
+    args.max_regs = "0,99"
+    with pytest.raises(cli.UsageError, match="--max-regs '0,99'.*max_regs"):
+        cli._grid(args, None)

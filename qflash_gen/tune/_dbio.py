@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -112,13 +112,12 @@ def db_best(
     return None if entry is None else entry.config
 
 
-def db_seeds(
-    target: str | os.PathLike[str] | None, gpu_name: str, key: keys.WorkloadKey, *, shipped: bool = True
-) -> list[KernelConfig]:
-    """Configs that stale entries for ``key`` hold (shipped DB unless not ``shipped``, and
-    ``--db``; other template, Triton or P width): a warm start for a new study, which measures
-    them again like any trial."""
-    seeds: list[KernelConfig] = []
+def _raw_entries(
+    target: str | os.PathLike[str] | None, gpu_name: str, shipped: bool
+) -> Iterator[tuple[str, KernelConfig]]:
+    """(key string, config) of every entry in the shipped DB (unless not ``shipped``) and ``--db``,
+    read raw: stale entries included, unreadable files and entries skipped (the normal DB read
+    reports them; a seed is only a hint)."""
     paths = [db.shipped_db_dir() / f"{gpu_name}.yaml"] if shipped else []
     for path in (*paths, db_file(target, gpu_name)):
         if not path.is_file():
@@ -126,15 +125,23 @@ def db_seeds(
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except (OSError, yaml.YAMLError):
-            continue  # the normal DB read reports a broken file; a seed is only a hint
+            continue
         for entry in raw.get("entries") or []:
-            if not isinstance(entry, dict) or entry.get("key") != str(key):
+            if not isinstance(entry, dict) or not isinstance(entry.get("key"), str):
                 continue
             try:
-                seeds.append(KernelConfig.from_dict(dict(entry.get("config") or {})))
+                yield entry["key"], KernelConfig.from_dict(dict(entry.get("config") or {}))
             except (TypeError, ValueError):
                 continue
-    return seeds
+
+
+def db_seeds(
+    target: str | os.PathLike[str] | None, gpu_name: str, key: keys.WorkloadKey, *, shipped: bool = True
+) -> list[KernelConfig]:
+    """Configs that stale entries for ``key`` hold (shipped DB unless not ``shipped``, and
+    ``--db``; other template, Triton or P width): a warm start for a new study, which measures
+    them again like any trial."""
+    return [config for k, config in _raw_entries(target, gpu_name, shipped) if k == str(key)]
 
 
 def db_neighbors(
@@ -144,23 +151,13 @@ def db_neighbors(
     bucket first; shipped DB unless not ``shipped``, and ``--db``): a warm start across batch
     sizes, which a new study measures again like any trial."""
     found: list[tuple[float, KernelConfig]] = []
-    paths = [db.shipped_db_dir() / f"{gpu_name}.yaml"] if shipped else []
-    for path in (*paths, db_file(target, gpu_name)):
-        if not path.is_file():
-            continue
+    for k, config in _raw_entries(target, gpu_name, shipped):
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError):
+            dist = keys.key_distance(key, keys.WorkloadKey.from_str(k))
+        except ValueError:
             continue
-        for entry in raw.get("entries") or []:
-            try:
-                other = keys.WorkloadKey.from_str(entry.get("key"))
-                dist = keys.key_distance(key, other)
-                if dist == 0 or dist == float("inf"):
-                    continue
-                found.append((dist, KernelConfig.from_dict(dict(entry.get("config") or {}))))
-            except (AttributeError, TypeError, ValueError):
-                continue
+        if 0 < dist < float("inf"):
+            found.append((dist, config))
     return [c for _, c in sorted(found, key=lambda t: t[0])]
 
 

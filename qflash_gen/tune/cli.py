@@ -242,18 +242,13 @@ def _grid(args: argparse.Namespace, measurer: Any):
         grid = Grid.from_configs(measurer.configs())
     else:
         grid = get_grid("sweep" if args.exhaustive else "tune")
-    if getattr(args, "p_bits", None):
-        try:
-            bits = tuple(int(b) for b in args.p_bits.split(","))
-            grid = dataclasses.replace(grid, p_bits=bits)
-        except ValueError as exc:
-            raise UsageError(f"--p-bits {args.p_bits!r}: {exc}") from None
-    if getattr(args, "max_regs", None):
-        try:
-            regs = tuple(int(r) for r in args.max_regs.split(","))
-            grid = dataclasses.replace(grid, max_regs=regs)
-        except ValueError as exc:
-            raise UsageError(f"--max-regs {args.max_regs!r}: {exc}") from None
+    for flag, field in (("--p-bits", "p_bits"), ("--max-regs", "max_regs")):
+        text = getattr(args, field, None)
+        if text:
+            try:
+                grid = dataclasses.replace(grid, **{field: tuple(int(x) for x in text.split(","))})
+            except ValueError as exc:
+                raise UsageError(f"{flag} {text!r}: {exc}") from None
     return grid
 
 

@@ -329,9 +329,10 @@ class SearchSpace:
         config = self._build(values)
         return config, self.check(config)
 
-    def params_for(self, config: KernelConfig) -> dict[str, Any] | None:
-        """The Optuna params that give ``config``, or None when the space cannot produce it."""
-        values = {
+    @staticmethod
+    def _axis_values(config: KernelConfig) -> dict[str, Any]:
+        """``config`` on the space's axes (acc_bits included; spaces that derive it drop it)."""
+        return {
             "block_m": config.block_m,
             "block_n": config.block_n,
             "num_warps": config.num_warps,
@@ -340,9 +341,14 @@ class SearchSpace:
             "rescale": rescale_token(config),
             "p_bits": config.p_bits,
             "max_regs": config.max_regs,
+            "acc_bits": config.acc_bits,
         }
-        if "acc_bits" in self.choices:
-            values["acc_bits"] = config.acc_bits
+
+    def params_for(self, config: KernelConfig) -> dict[str, Any] | None:
+        """The Optuna params that give ``config``, or None when the space cannot produce it."""
+        values = self._axis_values(config)
+        if "acc_bits" not in self.choices:
+            del values["acc_bits"]
         for name, value in values.items():
             if value not in self.choices[name]:
                 return None
@@ -355,17 +361,7 @@ class SearchSpace:
         another template or P width, or the runtime default): each axis keeps the config's value
         where this space has it and otherwise takes the space's choices in order; the first
         feasible combination, or None."""
-        want = {
-            "block_m": config.block_m,
-            "block_n": config.block_n,
-            "num_warps": config.num_warps,
-            "num_stages": config.num_stages,
-            "exp": exp_token(config),
-            "rescale": rescale_token(config),
-            "p_bits": config.p_bits,
-            "max_regs": config.max_regs,
-            "acc_bits": config.acc_bits,
-        }
+        want = self._axis_values(config)
         names = list(self.choices)
         axes = []
         for name in names:
