@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import datetime
 import math
 import sys
@@ -432,7 +431,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workloads", default="A1,A2,A3,A4,A5,A6,A7")
     p.add_argument("--batches", default="1,8,64")
-    p.add_argument("--config", default=None, help="KernelConfig as k=v,... (default: get_kernel's DB pick per shape)")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="KernelConfig fields as k=v,... over the default config (default: get_kernel's DB pick per shape)",
+    )
     p.add_argument("--out", default="docs/benchmarks")
     p.add_argument("--tag", default="", help="suffix for the output file names")
     p.add_argument("--energy", action="store_true", help="also µJ per call (NVML energy counter, graph replay)")
@@ -453,9 +456,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     cfg = None
     if args.config:
-        kv = dict(item.split("=", 1) for item in args.config.split(","))
-        fields = dataclasses.asdict(KernelConfig())
-        cfg = KernelConfig(**{k: (int(v) if isinstance(fields[k], int) else v) for k, v in kv.items()})
+        try:
+            cfg = cli.parse_config(args.config)  # fields over DEFAULT_CONFIG, as qflash-show --config
+        except cli.UsageError as exc:
+            print(f"{Path(__file__).name}: --config: {exc}", file=sys.stderr)
+            return 2
     gpu = gpu_label()
     clock_mhz, clock_source = roofline.max_sm_clock_mhz(torch.cuda.current_device())
     rows: list[dict] = []

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import triton.testing
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qflash_gen import codegen, quant, quant_kernels, reference, runtime  # noqa: E402
+from qflash_gen import cli, codegen, quant, quant_kernels, reference, runtime  # noqa: E402
 from qflash_gen.config import KernelConfig  # noqa: E402
 from qflash_gen.kernel import get_kernel  # noqa: E402
 
@@ -84,7 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workloads", default="A3,A4")
     p.add_argument("--batches", default="8,64")
-    p.add_argument("--config", default=None, help="KernelConfig as k=v,... (default: get_kernel's pick)")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="KernelConfig fields as k=v,... over the default config (default: get_kernel's pick)",
+    )
     p.add_argument("--out", default="docs/benchmarks")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -93,9 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT / "tools"))
     cfg = None
     if args.config:
-        fields = dataclasses.asdict(KernelConfig())
-        kv = dict(item.split("=", 1) for item in args.config.split(","))
-        cfg = KernelConfig(**{k: (int(v) if isinstance(fields[k], int) else v) for k, v in kv.items()})
+        try:
+            cfg = cli.parse_config(args.config)  # fields over DEFAULT_CONFIG, as qflash-show --config
+        except cli.UsageError as exc:
+            print(f"{Path(__file__).name}: --config: {exc}", file=sys.stderr)
+            return 2
     rows = [r for wl in args.workloads.split(",") for bt in map(int, args.batches.split(",")) for r in run(wl, bt, cfg)]
     from qflash_gen.gpu import current_gpu
 
