@@ -474,7 +474,7 @@ def kernel_arguments(
     args: list[Any] = [*ptrs, *qkv, *qkv, *qkv, *qkv, *bias, h]
     kwargs = dict(
         N_CTX=n, HEAD_DIM=d, HAS_BIAS=masked, OUT_FLOAT=out_dtype != "int8", V_KEYS=n,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, HPP=config.heads_for(b * h),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     if config.max_regs:

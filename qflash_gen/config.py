@@ -35,6 +35,7 @@ R_MAX = 65535
 # numerator p <= config.p_max (127 or 16383).
 P_MAX = 127  # p_max of the paper's 7-bit P (p_bits=7)
 MAX_REGS_RANGE = (24, 255)  # Triton's maxnreg: multiples of 8 (ptxas rounds to its allocation unit)
+HEADS_PER_PROGRAM_VALUES = (1, 2, 4, 8)
 V_ABS_MAX = 128
 Q_ABS_MAX = 128
 
@@ -70,6 +71,11 @@ class KernelConfig:
             168 allows 3 programs, 128 allows 4), at the price of spills where the kernel needs
             more.  Left out of ``to_dict`` (and so of ``hash``) when 0: configs recorded before the
             field existed keep their hash.
+        heads_per_program: (batch, head) pairs one program runs for its query block, one after
+            the other (1, 2, 4 or 8).  With ``num_stages >= 2`` Triton pipelines that loop, so the
+            next head's loads overlap this head's MMAs and softmax; the grid shrinks by the same
+            factor.  A launch uses the largest power of two up to it that divides B * H.  Left
+            out of ``to_dict`` when 1 (as ``max_regs`` when 0).
     """
 
     block_m: int = 64
@@ -83,6 +89,7 @@ class KernelConfig:
     lut_bits: int = 0
     p_bits: int = 7
     max_regs: int = 0
+    heads_per_program: int = 1
 
     def __post_init__(self) -> None:
         def bad(field: str, value: Any, allowed: str) -> ValueError:
@@ -122,6 +129,8 @@ class KernelConfig:
             MAX_REGS_RANGE[0] <= self.max_regs <= MAX_REGS_RANGE[1] and self.max_regs % 8 == 0
         ):
             raise bad("max_regs", self.max_regs, f"0 or a multiple of 8 in {MAX_REGS_RANGE[0]}..{MAX_REGS_RANGE[1]}")
+        if self.heads_per_program not in HEADS_PER_PROGRAM_VALUES:
+            raise bad("heads_per_program", self.heads_per_program, f"one of {HEADS_PER_PROGRAM_VALUES}")
 
     @property
     def p_max(self) -> int:
@@ -133,6 +142,8 @@ class KernelConfig:
         d = dataclasses.asdict(self)
         if d["max_regs"] == 0:
             del d["max_regs"]
+        if d["heads_per_program"] == 1:
+            del d["heads_per_program"]
         return d
 
     @classmethod
@@ -163,7 +174,17 @@ class KernelConfig:
             f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}"
             f" exp={self.exp_variant}{extra} acc{self.acc_bits} rescale={rs} p{self.p_bits}"
             + (f" r{self.max_regs}" if self.max_regs else "")
+            + (f" h{self.heads_per_program}" if self.heads_per_program > 1 else "")
         )
+
+    def heads_for(self, bh: int) -> int:
+        """Heads per program for a launch over ``bh`` = B * H pairs: the largest power of two
+        up to ``heads_per_program`` that divides ``bh`` (the kernel has no guard for a partial
+        group)."""
+        g = self.heads_per_program
+        while bh % g:
+            g //= 2
+        return g
 
 
 # The untuned default: 14-bit P (7 bits lose up to 8 dB on the peaked attention of trained ViTs,

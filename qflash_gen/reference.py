@@ -74,7 +74,10 @@ def softmax_p(y: torch.Tensor, ints: torch.Tensor, config: KernelConfig, lut: to
     r_, mq = (ints[i].to(torch.int64) for i in range(2))
     hp = (config.p_max * 16384 + r_ - 1) // r_
     y = torch.minimum(y + 15 * r_, 31 * r_ - 1)  # the kernel adds 15R to the row max
-    qq = (y * mq) >> 26  # q + 15
+    # q + 15 as the kernel's high-half multiply by MQ32 = 64 MQ (2**32 - 1 when R = 1):
+    # (y * MQ) >> 26 for every R >= 2
+    mq32 = torch.clamp(mq * 64, max=2**32 - 1)
+    qq = (y * mq32) >> 32
     t = config.p_max * 32768 - (y - qq * r_) * hp
     _check(t, config, "shift numerator")
     if bool((t < 0).any()):

@@ -152,13 +152,14 @@ def launch_module(
         bias_strides = bias_arg.stride()
     lut = _lut(config.lut_bits, q8.device) if config.exp_variant == "lut" else ints
     bm = config.block_m
-    module._qflash_fwd[((n + bm - 1) // bm, b * h)](
+    hpp = config.heads_for(b * h)
+    module._qflash_fwd[((n + bm - 1) // bm, b * h // hpp)](
         q8, k8, v8, out,
         bias_arg, ints, params.floats, lut,
         *q8.stride(), *k8.stride(), *v8.stride(), *out.stride(), *bias_strides,
         h,
         N_CTX=n, HEAD_DIM=d, HAS_BIAS=bias is not None, OUT_FLOAT=out_dtype is not _INT8, V_KEYS=v_keys(v8),
-        BLOCK_M=bm, BLOCK_N=config.block_n,
+        BLOCK_M=bm, BLOCK_N=config.block_n, HPP=hpp,
         num_warps=config.num_warps, num_stages=config.num_stages, **_maxnreg(config),
     )  # fmt: skip
     return out
@@ -243,7 +244,8 @@ def launch_fast(module, config, q8, k8, v8, params, out, out_dtype) -> torch.Ten
             return launch_module(module, config, q8, k8, v8, params, None, out, out_dtype)
     ints = params.ints
     ptrs = (q8.data_ptr(), k8.data_ptr(), v8.data_ptr(), out.data_ptr(), ints.data_ptr(), params.floats.data_ptr())
-    key = (n, d, h, vk, q8.dtype, out_dtype, tuple(p & 15 == 0 for p in ptrs))
+    hpp = config.heads_for(b * h)
+    key = (n, d, h, hpp, vk, q8.dtype, out_dtype, tuple(p & 15 == 0 for p in ptrs))
     cache = module.__dict__.setdefault("_qflash_fast", {})
     entry = cache.get(key)
     if entry is None:
@@ -259,7 +261,7 @@ def launch_fast(module, config, q8, k8, v8, params, out, out_dtype) -> torch.Ten
         s_b, s_h, d, 1, s_b, s_h, d, 1, *v_strides, s_b, s_h, d, 1, 0, 0, 0, 0, h, *consts,
     )  # fmt: skip
     bm = config.block_m
-    grid = ((n + bm - 1) // bm, b * h, 1)
+    grid = ((n + bm - 1) // bm, b * h // hpp, 1)
     stream = _driver.active.get_current_stream(q8.device.index)
     meta = compiled.launch_metadata(grid, stream, *args)
     compiled.run(
@@ -272,7 +274,8 @@ def launch_fast(module, config, q8, k8, v8, params, out, out_dtype) -> torch.Ten
 def _compiled_for(module, config, q8, k8, v8, params, out, out_dtype, v_strides, vk):
     """The CompiledKernel Triton picked for these arguments (warmup: looks up, launches nothing)."""
     b, h, n, d = q8.shape
-    consts = (n, d, False, out_dtype is not _INT8, vk, config.block_m, config.block_n)
+    hpp = config.heads_for(b * h)
+    consts = (n, d, False, out_dtype is not _INT8, vk, config.block_m, config.block_n, hpp)
     ints = params.ints
     lut = _lut(config.lut_bits, q8.device) if config.exp_variant == "lut" else ints
     s_b, s_h = h * n * d, n * d  # the strides launch_fast passes (the same as any contiguous tensor's
@@ -280,7 +283,7 @@ def _compiled_for(module, config, q8, k8, v8, params, out, out_dtype, v_strides,
     compiled = module._qflash_fwd.warmup(  # no index ever multiplies them)
         q8, k8, v8, out, ints, ints, params.floats, lut, *strides, 0, 0, 0, 0, h,
         N_CTX=n, HEAD_DIM=d, HAS_BIAS=False, OUT_FLOAT=out_dtype is not _INT8, V_KEYS=vk,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, HPP=hpp,
         num_warps=config.num_warps, num_stages=config.num_stages, grid=(1,), **_maxnreg(config),
     )  # fmt: skip
     if hasattr(compiled, "result"):

@@ -111,6 +111,8 @@ class Grid:
     p_bits: tuple[int, ...] = (14,)
     # Triton's maxnreg (0 = the compiler's choice); see KernelConfig.max_regs.
     max_regs: tuple[int, ...] = (0,)
+    # heads per program (1 = one (batch, head) per program); see KernelConfig.heads_per_program.
+    heads_per_program: tuple[int, ...] = (1,)
 
     def __post_init__(self) -> None:
         allowed = {
@@ -132,6 +134,10 @@ class Grid:
             raise ValueError("Grid.max_regs is empty (0 = the compiler's choice)")
         for r in self.max_regs:
             KernelConfig(max_regs=r)  # ValueError naming the allowed values
+        if not self.heads_per_program:
+            raise ValueError("Grid.heads_per_program is empty (1 = one head per program)")
+        for g in self.heads_per_program:
+            KernelConfig(heads_per_program=g)
         for token in self.exp:
             parse_exp(token)
         for token in self.rescale:
@@ -143,6 +149,8 @@ class Grid:
         d = {f.name: list(getattr(self, f.name)) for f in dataclasses.fields(self)}
         if d["max_regs"] == [0]:
             del d["max_regs"]  # grids (and space hashes) from before the axis existed read unchanged
+        if d["heads_per_program"] == [1]:
+            del d["heads_per_program"]
         return d
 
     @classmethod
@@ -169,6 +177,7 @@ class Grid:
             acc_bits=() if accs == (32,) or _acc_is_derived(configs) else accs,
             p_bits=tuple(sorted(values("p_bits"))),
             max_regs=values("max_regs"),
+            heads_per_program=values("heads_per_program"),
         )
 
 
@@ -181,7 +190,9 @@ def _acc_is_derived(configs: list[KernelConfig]) -> bool:
 GRIDS: dict[str, Grid] = {
     # Real tuning on a GPU: every tile value KernelConfig allows, and the numeric variants that
     # span the accuracy range (lut4 ~ coarse, lut8 ~ fine; rescale shift6 .. shift15 exact).
-    "tune": Grid(max_regs=(0, 168, 128)),  # 168: 3 programs of 4 warps per SM, 128: 4 (spills)
+    # max_regs 168: 3 programs of 4 warps per SM, 128: 4 (spills); 2 heads per program pipeline
+    # the next head's loads (ViT-B b=64 on an H100: -7 % at num_stages=2, docs/perf-notes.md).
+    "tune": Grid(max_regs=(0, 168, 128), heads_per_program=(1, 2)),
     # The exhaustive sweep recorded for simulation (tests/data/h100_sweep.csv): the tile axes that
     # move latency (issue 4: 1.5-2x between median and best) and two exp variants on either side
     # of the 30 dB floor (shift ~29 dB, poly2 ~37 dB at N=197 with fp16 output, CPU oracle).
@@ -271,6 +282,7 @@ class SearchSpace:
             "rescale": tuple(grid.rescale),
             "p_bits": tuple(grid.p_bits),
             "max_regs": tuple(grid.max_regs),
+            "heads_per_program": tuple(grid.heads_per_program),
         }
         if grid.acc_bits:
             self.choices["acc_bits"] = tuple(grid.acc_bits)
@@ -302,6 +314,7 @@ class SearchSpace:
             acc_bits=int(values.get("acc_bits", 32)),
             p_bits=int(values["p_bits"]),
             max_regs=int(values["max_regs"]),
+            heads_per_program=int(values["heads_per_program"]),
         )
         if "acc_bits" not in values and not cfgmod.fits(base, self.n, self.d):
             base = base.replace(acc_bits=64)
@@ -341,6 +354,7 @@ class SearchSpace:
             "rescale": rescale_token(config),
             "p_bits": config.p_bits,
             "max_regs": config.max_regs,
+            "heads_per_program": config.heads_per_program,
             "acc_bits": config.acc_bits,
         }
 
