@@ -71,3 +71,16 @@ def test_shift_quotient_at_the_smallest_r(device, sqk):
     q8, k8, v8 = int8_problem(1, 2, 49, 32, seed=3, device=device, lo=-3, hi=3)
     got, want = run_both(q8, k8, v8, (sqk, sqk, 0.05), cfg, out_dtype=torch.float16)
     assert_bit_equal(got, want)
+
+
+def test_seeds_are_followed_by_their_capped_and_head_grouped_variants():
+    from qflash_gen.tune.cli import _seed_variants
+
+    space = SearchSpace(GRIDS["tune"], 197, 64)
+    seed = DEFAULT_CONFIG.replace(block_n=256, rescale="shift", rescale_bits=15, num_stages=1)
+    got = _seed_variants(space, [seed, seed])
+    assert got[0] == seed and len(got) == len(set(got))  # a repeated seed is not measured twice
+    assert seed.replace(max_regs=168) in got
+    piped = seed.replace(max_regs=168, heads_per_program=2, num_stages=2)
+    assert piped in got and got.index(piped) > got.index(seed.replace(max_regs=168))
+    assert all(c.heads_per_program == 1 or c.num_stages >= 2 for c in got)

@@ -289,15 +289,32 @@ def _plans(args: argparse.Namespace, gpu: str, dtype: str, shapes: list, grid: A
                     enqueue.append(adapted)
         default = runtime.default_config(s.n, s.d)
         enqueue.append(space.adapt(default) or default)
-        # then the same tilings under each register cap of the space (the cap moves latency a
-        # lot for the big single-pass tiles; docs/perf-notes.md)
-        for c in list(enqueue):
-            for r in space.choices["max_regs"]:
-                capped = c.replace(max_regs=r)
-                if capped not in enqueue and space.params_for(capped) is not None and space.check(capped) is None:
-                    enqueue.append(capped)
-        plans.append((s, space, name, enqueue))
+        # then, seed by seed, the same tiling under each register cap of the space (the cap moves
+        # latency a lot for the big single-pass tiles) and as a pipelined loop over 2+ heads per
+        # program (num_stages >= 2): axes TPE rarely lands on together (docs/perf-notes.md)
+        plans.append((s, space, name, _seed_variants(space, enqueue)))
     return plans
+
+
+def _seed_variants(space, seeds: list[KernelConfig]) -> list[KernelConfig]:
+    """``seeds`` in order, each followed by its register-capped and head-grouped variants that
+    the space can produce and that fit."""
+    out: list[KernelConfig] = []
+
+    def add(c: KernelConfig) -> None:
+        if c not in out and space.params_for(c) is not None and space.check(c) is None:
+            out.append(c)
+
+    for seed in seeds:
+        if seed not in out:
+            out.append(seed)
+        for r in space.choices["max_regs"]:
+            capped = seed.replace(max_regs=r)
+            add(capped)
+            for g in space.choices["heads_per_program"]:
+                if g > 1:
+                    add(capped.replace(heads_per_program=g, num_stages=max(2, capped.num_stages)))
+    return out
 
 
 def _open_storage(args: argparse.Namespace):
