@@ -205,11 +205,13 @@ def launch_static(
     (``quant.quantize``'s bits, from the reciprocals in ``params.floats[1:4]``): one launch.
     Programs that share a head each quantize its K and V again; measured on an H100, that still
     beat a separate quantization launch on ViT-B (docs/perf-notes.md).  ``fast``: CUDA without
-    bias may take ``launch_fast``.  No checks, no sync.  ``config.max_regs`` is not applied: it
-    is tuned on int8 inputs, and the in-load quantization needs registers a cap would spill
-    (ViT-B on an H100: 128 µs uncapped, 230 µs at 168 registers)."""
-    if config.max_regs:
-        config = config.replace(max_regs=0)  # the same rendered module (max_regs is a launch option)
+    bias may take ``launch_fast``.  No checks, no sync.  ``config.max_regs`` and
+    ``config.heads_per_program`` are not applied: they are tuned on int8 inputs, and the in-load
+    quantization needs registers a cap would spill (ViT-B on an H100: 128 µs uncapped, 230 µs at
+    168 registers; with 2 heads per program, 169 µs)."""
+    if config.max_regs or config.heads_per_program > 1:
+        # the same rendered module: both are launch options
+        config = config.replace(max_regs=0, heads_per_program=1)
     if fast and bias is None:
         return launch_fast(module, config, q, k, v, params, out, out_dtype)
     return launch_module(module, config, q, k, v, params, bias, out, out_dtype)

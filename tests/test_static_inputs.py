@@ -142,11 +142,13 @@ def test_v_keys_reads_padding_only_where_the_storage_has_it():
 
 
 @pytest.mark.parametrize("n", [197, 49])
-def test_float_inputs_single_pass_vit_config_equals_the_oracle(device, n):
+@pytest.mark.parametrize("tuned", [{}, {"max_regs": 168, "heads_per_program": 2, "num_stages": 2}])
+def test_float_inputs_single_pass_vit_config_equals_the_oracle(device, n, tuned):
     """The tuned ViT shape of config (BLOCK_M=64: wgmma on sm_90, one 256-key pass): split key
     tiles gave wrong bits here for float inputs on an H100 (Triton 3.6), so float inputs keep one
-    BLOCK_N tile; this pins it."""
-    cfg = DEFAULT_CONFIG.replace(block_n=256, rescale="shift", rescale_bits=15)
+    BLOCK_N tile; this pins it.  A tuned entry's register cap and heads per program (int8
+    launch options) are not applied to float inputs (runtime.launch_static)."""
+    cfg = DEFAULT_CONFIG.replace(block_n=256, rescale="shift", rescale_bits=15, **tuned)
     q, k, v = _inputs(2, 3, n, 64, torch.float16, device, seed=11)
     scales = (0.02, 0.025, 0.03)
     kern = kernel.Kernel(cfg, workload_key((2, 3, n, 64)), "cpu", "default")
