@@ -177,6 +177,15 @@ class KernelConfig:
             + (f" h{self.heads_per_program}" if self.heads_per_program > 1 else "")
         )
 
+    def tail_rows(self, n_ctx: int) -> int:
+        """Rows of the tile that runs the last, partial query block at ``n_ctx`` queries (the
+        template's TAIL_M): the smallest of 16, 32, 64, 128 that holds its rows, or ``block_m``
+        when no block is partial or no smaller tile would do."""
+        rem = n_ctx % self.block_m
+        if rem == 0:
+            return self.block_m
+        return min(self.block_m, next(t for t in (16, 32, 64, 128) if rem <= t))
+
     def heads_for(self, bh: int) -> int:
         """Heads per program for a launch over ``bh`` = B * H pairs: the largest power of two
         up to ``heads_per_program`` that divides ``bh`` (the kernel has no guard for a partial

@@ -10,15 +10,18 @@ For a call on (B, H, N, D) with a config, :func:`counts` gives the work by hand:
 
 The integer work comes from the kernel's SASS (:func:`sass_classes`): per-thread instructions by
 opcode, classed as integer ALU pipe, integer multiply-add (``IMAD*``, on the FMA pipe), float,
-memory, tensor, control, uniform (once per warp, on the uniform datapath) or other.  With one key
-tile (``BLOCK_N >= N``) the kernel has no key loop, so the static count of the main body is what
-each thread executes (branches around rare paths aside); with a key loop it is not, and the ALU
-fraction is None.
+memory, tensor, control, uniform (once per warp, on the uniform datapath) or other.  The static
+count is what each program executes only for one key tile (``BLOCK_N >= N``: no key loop), one
+head per program (``heads_per_program`` 1 at this B·H) and no tail tile (``N`` a multiple of
+``BLOCK_M``, or a tail as large as a block): the kernel then has one row-block body.  Otherwise
+the ALU fraction and the count per score are None.
 
-The ALU floor model is the one of docs/perf-notes.md: IMAD and ALU-pipe instructions share the
-64 INT32 lanes of an SM, one lane-cycle per thread-instruction, at the max SM clock.  It is a
-lower-bound model (no dual issue, no latency, no occupancy), not a profiler measurement; a
-fraction near 1 says the kernel sits at that floor.
+The ALU floor model: the ALU pipe and the FMA pipe (where IMAD runs) each have 64 INT32 lanes per
+SM (16 per sub-partition) and issue independently, one lane-cycle per thread-instruction, at the
+max SM clock; the floor is the busier of the two.  It is a lower-bound model (no latency, no
+occupancy), not a profiler measurement.  An earlier model put IMAD and ALU-pipe instructions on
+the same 64 lanes; Nsight Compute on an H100 measured ViT-B at 39 % (ALU) and 41 % (FMA-heavy) pipe
+activity where that model said 86 % (docs/perf-notes.md, fourth session).
 """
 
 from __future__ import annotations
@@ -186,6 +189,18 @@ def int_instructions(sass: str) -> int:
     return c["alu"] + c["imad"]
 
 
+def busiest_int_pipe(sass: str) -> int:
+    """Per-thread instructions on the busier integer pipe: max(ALU pipe, IMAD on the FMA pipe)."""
+    c = sass_classes(sass)
+    return max(c["alu"], c["imad"])
+
+
+def one_body(shape: tuple[int, int, int, int], config: KernelConfig) -> bool:
+    """True where each program runs the kernel's whole static body once (see the module doc)."""
+    b, h, n, _ = shape
+    return config.block_n >= n and config.heads_for(b * h) == 1 and config.tail_rows(n) == config.block_m
+
+
 # -- fractions -------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Fractions:
@@ -208,13 +223,14 @@ def fractions(
 ) -> Fractions:
     """Fractions of ``gpu``'s peaks reached by one call of ``us`` microseconds.
 
-    ``alu`` and ``int_instr_per_score`` need the SASS of this config and shape and a single-pass
-    config (``BLOCK_N >= N``); ``int_instr_per_score`` does not need a known GPU."""
+    ``alu`` and ``int_instr_per_score`` need the SASS of this config and shape and a kernel with
+    one body per program (:func:`one_body`); ``int_instr_per_score`` does not need a known GPU."""
     c = counts(shape, config)
     per_score = alu_ops = None
-    if sass is not None and config.block_n >= shape[2]:
-        alu_ops = int_instructions(sass) * 32 * config.num_warps * c.programs
-        per_score = alu_ops / c.scores if c.scores else None
+    if sass is not None and one_body(shape, config):
+        threads = 32 * config.num_warps * c.programs
+        alu_ops = busiest_int_pipe(sass) * threads
+        per_score = int_instructions(sass) * threads / c.scores if c.scores else None
     peaks = PEAKS.get(gpu)
     if peaks is None or not us > 0 or not math.isfinite(us):
         return Fractions(None, None, None, per_score)

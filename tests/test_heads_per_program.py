@@ -84,3 +84,11 @@ def test_seeds_are_followed_by_their_capped_and_head_grouped_variants():
     piped = seed.replace(max_regs=168, heads_per_program=2, num_stages=2)
     assert piped in got and got.index(piped) > got.index(seed.replace(max_regs=168))
     assert all(c.heads_per_program == 1 or c.num_stages >= 2 for c in got)
+
+
+@pytest.mark.parametrize(
+    ("bm", "n", "want"),
+    [(64, 197, 16), (32, 70, 16), (64, 49, 64), (128, 197, 128), (16, 197, 16), (64, 100, 64), (128, 40, 64)],
+)
+def test_tail_rows_mirror_the_template(bm, n, want):
+    assert DEFAULT_CONFIG.replace(block_m=bm).tail_rows(n) == want

@@ -90,10 +90,12 @@ def test_fractions_by_hand():
     shape, us, clock = (2, 3, 49, 32), 10.0, 1500.0
     f = roofline.fractions(shape, DEFAULT_CONFIG, us, "h100", clock_mhz=clock, sass=SNIPPET)
     c = roofline.counts(shape, DEFAULT_CONFIG)
-    int_ops = 9 * 32 * DEFAULT_CONFIG.num_warps * 6  # 6 programs: one per head at N=49 <= BLOCK_M
+    threads = 32 * DEFAULT_CONFIG.num_warps * 6  # 6 programs: one per head at N=49 <= BLOCK_M
+    int_ops = 9 * threads
     assert f.hbm == pytest.approx(c.bytes / 10e-6 / 3.35e12)
     assert f.mma == pytest.approx(c.mma_ops / 10e-6 / 1979e12)
-    assert f.alu == pytest.approx(int_ops / (10e-6 * 132 * 64 * 1500e6))
+    # the busier integer pipe: 6 ALU-pipe instructions against 3 IMAD, 64 lanes each per SM
+    assert f.alu == pytest.approx(6 * threads / (10e-6 * 132 * 64 * 1500e6))
     assert f.int_instr_per_score == pytest.approx(int_ops / (6 * 49 * 49))
     h200 = roofline.fractions(shape, DEFAULT_CONFIG, us, "h200", clock_mhz=clock, sass=SNIPPET)
     assert h200.hbm == pytest.approx(f.hbm * 3.35 / 4.8)
@@ -107,6 +109,15 @@ def test_fractions_none_for_unknown_gpu_and_key_loop():
     looped = roofline.fractions(shape, DEFAULT_CONFIG, 50.0, "h100", sass=SNIPPET)
     assert looped.hbm is not None and looped.mma is not None
     assert looped.alu is None and looped.int_instr_per_score is None
+    # one key tile, but a 16-row tail tile (N=197, BLOCK_M=64) or 2 heads per program: the SASS
+    # holds two row-block bodies or a loop, so its static count is not a program's work
+    vit = DEFAULT_CONFIG.replace(block_n=256)
+    assert vit.tail_rows(197) == 16 and not roofline.one_body(shape, vit)
+    tail = roofline.fractions(shape, vit, 50.0, "h100", sass=SNIPPET)
+    assert tail.alu is None and tail.int_instr_per_score is None and tail.hbm is not None
+    grouped = DEFAULT_CONFIG.replace(heads_per_program=2)
+    assert roofline.one_body((2, 3, 49, 32), DEFAULT_CONFIG) and not roofline.one_body((2, 3, 49, 32), grouped)
+    assert roofline.one_body((1, 3, 49, 32), grouped)  # B*H = 3: one head per program after all
     no_sass = roofline.fractions((1, 3, 49, 32), DEFAULT_CONFIG, 5.0, "h100")
     assert no_sass.alu is None and no_sass.hbm is not None
     assert roofline.fractions((1, 3, 49, 32), DEFAULT_CONFIG, 0.0, "h100").hbm is None

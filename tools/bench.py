@@ -382,7 +382,7 @@ def limits_line(gpu: str, clock_mhz: float, clock_source: str) -> str:
     return (
         f"Limits (qflash_gen/roofline.py): HBM {pk.hbm_bytes_per_s / 1e12:.2f} TB/s, dense int8 tensor "
         f"{pk.int8_ops_per_s / 1e12:.0f} TOPS, integer ALU {pk.sms} SMs × {pk.int32_lanes_per_sm} INT32 lanes "
-        f"(ALU pipe and IMAD sharing them) at {clock_mhz:.0f} MHz ({clock_source})."
+        f"per pipe (ALU pipe and FMA pipe for IMAD; the busier one counts) at {clock_mhz:.0f} MHz ({clock_source})."
     )
 
 
@@ -422,7 +422,8 @@ def markdown(rows: list[dict], gpu: str, header: str) -> str:
         "replay). kernel: int8 in (V key-major), fp16 out, the launch alone. fp16→fp16: dynamic scales (max|x|/127 on every "
         "call). static: per-tensor scales calibrated once on the input (Python floats), then fp16 q, k, v "
         "quantized inside the kernel's loads (one launch). limits %: the kernel row's share of peak HBM bandwidth, dense int8 tensor rate and "
-        "integer-ALU rate (– where not modelled: ALU only for single-pass configs, from their SASS)."
+        "integer-ALU rate (– where not modelled: ALU only where each program runs the SASS body once: one key "
+        "tile, one head per program, no tail tile; see qflash_gen/roofline.py)."
     )
     return "\n".join(out)
 
