@@ -210,6 +210,33 @@ def test_unknown_workload_is_a_clear_error(synthetic_table, capsys):  # noqa: F8
     assert code == 2 and "--workloads" in err and "'vit_huge'" in err and "swin_t" in err and "A1" in err
 
 
+def test_try_configs_are_measured_first_as_given(synthetic_table, dirs, capsys):  # noqa: F811
+    """--try puts a config ahead of the DB's seeds; one the study's space cannot hold is skipped."""
+    table = read_table(synthetic_table)
+    shape = next(s for s in table.shapes(SYNTHETIC_GPU) if s.workload == "vit_b" and s.batch == 8)
+    rows = sorted(
+        (r for r in table.rows_for(SYNTHETIC_GPU, shape) if r.measurement.feasible(30.0)),
+        key=lambda r: -r.measurement.latency_us,
+    )
+    slow = rows[0].config  # the slowest feasible config: no seed would start there
+    text = ",".join(f"{k}={v}" for k, v in slow.to_dict().items())
+    code, _, err = _run(
+        capsys,
+        "--simulate", synthetic_table, "--workloads", "vit_b", "--batches", "8", "--db", dirs["db"],
+        "--trials", "2", "--storage", dirs["storage"], "--try", "p_bits=14,block_n=256", "--try", text,
+    )  # fmt: skip
+    assert code == 0, err
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(dirs["storage"])))
+    (name,) = optuna.get_all_study_names(storage)
+    trials = sorted(optuna.load_study(study_name=name, storage=storage).trials, key=lambda t: t.number)
+    assert KernelConfig.from_dict(trials[0].user_attrs["config"]) == slow  # the 14-bit one is not in the table
+
+
+def test_try_with_a_bad_config_names_the_flag(synthetic_table, capsys):  # noqa: F811
+    code, _, err = _run(capsys, "--simulate", synthetic_table, "--workloads", "vit_b", "--try", "block_m=48")
+    assert code == 2 and "--try" in err and "block_m" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize(
     "argv,needle",
     [

@@ -107,6 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="register caps per thread to search (Triton's maxnreg; 0 = the compiler's choice): "
         "default 0,168,128 on the tune grid",
     )
+    p.add_argument(
+        "--try",
+        dest="try_configs",
+        action="append",
+        default=[],
+        metavar="K=V,...",
+        help="a config to measure first in every study (KernelConfig fields over the default config, "
+        "as qflash-show --config; repeatable); skipped where the study's space cannot hold it",
+    )
     p.add_argument("--simulate", metavar="FILE", help="replay a recorded table instead of measuring on a GPU")
     p.add_argument("--simulate-delay", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--exhaustive", action="store_true", help="measure every config of the grid (needs --record)")
@@ -257,6 +266,18 @@ def _fmt_us(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
 
 
+def _try_configs(args: argparse.Namespace) -> list[KernelConfig]:
+    from qflash_gen import cli as show_cli
+
+    out = []
+    for text in getattr(args, "try_configs", None) or []:
+        try:
+            out.append(show_cli.parse_config(text))
+        except (show_cli.UsageError, ValueError) as exc:
+            raise UsageError(f"--try {text!r}: {exc}") from None
+    return out
+
+
 def _plans(args: argparse.Namespace, gpu: str, dtype: str, shapes: list, grid: Any, *, enqueue_db: bool) -> list:
     """``(shape, space, study name, configs to enqueue)`` per study, in the order they run."""
     from qflash_gen import runtime
@@ -264,6 +285,7 @@ def _plans(args: argparse.Namespace, gpu: str, dtype: str, shapes: list, grid: A
     from qflash_gen.tune.space import SMEM_LIMITS, SearchSpace
 
     smem = SMEM_LIMITS.get(gpu)
+    tries = _try_configs(args)
     plans = []
     for s in shapes:
         space = SearchSpace(grid, s.n, s.d, smem_limit=smem)
@@ -292,7 +314,9 @@ def _plans(args: argparse.Namespace, gpu: str, dtype: str, shapes: list, grid: A
         # then, seed by seed, the same tiling under each register cap of the space (the cap moves
         # latency a lot for the big single-pass tiles) and as a pipelined loop over 2+ heads per
         # program (num_stages >= 2): axes TPE rarely lands on together (docs/perf-notes.md)
-        plans.append((s, space, name, _seed_variants(space, enqueue)))
+        # --try first, as given (no variants), where the space holds it and it fits
+        first = [c for c in tries if space.params_for(c) is not None and space.check(c) is None]
+        plans.append((s, space, name, first + [c for c in _seed_variants(space, enqueue) if c not in first]))
     return plans
 
 
