@@ -22,10 +22,10 @@ RESCALES = [("shift", 8), ("idiv", 0), ("split", 0)]
 ACCS = [32, 64]
 P_BITS = [7, 14]
 # (mode, [(N, D, block_m, block_n)]): online needs block_n < N; single-pass block_n >= N.
-# N=197 with block_m=64 ends in a 16-row tail tile (5 rows).
+# The 16-row tail tile of a partial query block (both bodies): tests/test_heads_per_program.py.
 SHAPES = {
-    "online": [(49, 32, 32, 32), (197, 64, 64, 64)],
-    "single": [(1, 64, 16, 32), (17, 32, 32, 32), (49, 64, 64, 64), (197, 32, 64, 256)],
+    "online": [(49, 32, 32, 32), (197, 64, 128, 64)],
+    "single": [(1, 64, 16, 32), (17, 32, 32, 32), (49, 64, 64, 64), (197, 32, 128, 256)],
 }
 MATRIX = [
     (exp, rs, acc, pb, mode, masked)
