@@ -26,6 +26,13 @@ def _run(capsys, *argv):
     return code, out, err
 
 
+def _only_study_trials(journal) -> list:
+    """The trials of the one study in a journal file, in the order they ran."""
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    (name,) = optuna.get_all_study_names(storage)
+    return sorted(optuna.load_study(study_name=name, storage=storage).trials, key=lambda t: t.number)
+
+
 @pytest.fixture
 def dirs(tmp_path):
     return {"storage": tmp_path / "studies.journal", "db": tmp_path / "db"}
@@ -102,9 +109,7 @@ def test_db_best_is_enqueued_first(synthetic_table, dirs, capsys):  # noqa: F811
         "--trials", "3", "--storage", dirs["storage"],
     )  # fmt: skip
     assert code == 0, err
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(dirs["storage"])))
-    (name,) = optuna.get_all_study_names(storage)
-    trials = sorted(optuna.load_study(study_name=name, storage=storage).trials, key=lambda t: t.number)
+    trials = _only_study_trials(dirs["storage"])
     first, second = (KernelConfig.from_dict(t.user_attrs["config"]) for t in trials[:2])
     assert first == incumbent.config  # the DB's entry, re-measured under this run's protocol
     # then the safe default, mapped into the table's space (its 7-bit-P, shift8 grid)
@@ -142,9 +147,7 @@ def test_winner_of_another_batch_bucket_is_enqueued(synthetic_table, dirs, capsy
         "--trials", "2", "--storage", dirs["storage"],
     )  # fmt: skip
     assert code == 0, err
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(dirs["storage"])))
-    (name,) = optuna.get_all_study_names(storage)
-    trials = sorted(optuna.load_study(study_name=name, storage=storage).trials, key=lambda t: t.number)
+    trials = _only_study_trials(dirs["storage"])
     assert KernelConfig.from_dict(trials[0].user_attrs["config"]) == other.config
 
 
@@ -226,9 +229,7 @@ def test_try_configs_are_measured_first_as_given(synthetic_table, dirs, capsys):
         "--trials", "2", "--storage", dirs["storage"], "--try", "p_bits=14,block_n=256", "--try", text,
     )  # fmt: skip
     assert code == 0, err
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(dirs["storage"])))
-    (name,) = optuna.get_all_study_names(storage)
-    trials = sorted(optuna.load_study(study_name=name, storage=storage).trials, key=lambda t: t.number)
+    trials = _only_study_trials(dirs["storage"])
     assert KernelConfig.from_dict(trials[0].user_attrs["config"]) == slow  # the 14-bit one is not in the table
 
 
