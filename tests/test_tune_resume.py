@@ -83,3 +83,26 @@ def test_kill_and_resume_keeps_every_finished_trial(synthetic_table, tmp_path): 
     study = optuna.load_study(study_name=optuna.get_all_study_names(storage)[0], storage=storage)
     assert not study.get_trials(states=(TrialState.RUNNING,))
     assert all(KernelConfig.from_dict(t.user_attrs["config"]) for t in study.trials if t.user_attrs.get("measured"))
+
+
+def test_a_trial_finished_by_another_process_is_dropped_not_fatal(capsys):
+    """A reaper (another worker that judged this one dead) may finish a trial first: recording
+    the measurement then returns False, records nothing and raises nothing."""
+    import optuna
+
+    from qflash_gen.config import DEFAULT_CONFIG
+    from qflash_gen.tune.measure import Measurement
+    from qflash_gen.tune.study import _tell
+
+    study = optuna.create_study(storage=optuna.storages.InMemoryStorage())
+    trial = study.ask()
+    study.tell(trial.number, state=optuna.trial.TrialState.FAIL)  # the reaper's verdict
+    m = Measurement(latency_us=5.0, spread_us=0.1, sqnr_db=35.0, correct=True)
+    cfg = DEFAULT_CONFIG
+    assert _tell(study, trial, cfg, cfg.hash, m, "latency", 30.0, {"measured": True}) is False
+    (t,) = study.get_trials()
+    assert t.state == optuna.trial.TrialState.FAIL and "measured" not in t.user_attrs
+    assert f"trial {trial.number} was finished by another process" in capsys.readouterr().err
+    fresh = study.ask()
+    assert _tell(study, fresh, cfg, cfg.hash, m, "latency", 30.0, {"measured": True}) is True
+    assert study.trials[-1].state == optuna.trial.TrialState.COMPLETE and study.trials[-1].user_attrs["measured"]

@@ -39,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -299,7 +300,10 @@ def _tell(
     objective: str,
     floor: float,
     extra: dict[str, Any],
-) -> None:
+) -> bool:
+    """Record ``m`` on ``trial`` and finish it.  False when another process finished the trial
+    first (a reaper that judged its worker dead): then nothing of ``m`` is recorded, the caller
+    counts nothing, and the config stays free to be measured again."""
     attrs = {
         "config": config.to_dict(),
         "config_hash": config_hash,
@@ -307,16 +311,25 @@ def _tell(
         **m.to_dict(),
         **extra,
     }
-    for k, v in attrs.items():
-        trial.set_user_attr(k, v)
-    if m.ok:
-        _set_constraint(trial, floor - float(m.sqnr_db))  # <= 0: feasible
-    if _has_values(m, objective):
-        study.tell(trial, _values(m, objective))
-    else:
-        if m.ok:  # correct and timed, but the objective needs energy and none was measured
-            trial.set_user_attr("error", f"no energy measured: objective {objective} needs energy_uj")
-        study.tell(trial, state=TrialState.FAIL)
+    try:
+        for k, v in attrs.items():
+            trial.set_user_attr(k, v)
+        if m.ok:
+            _set_constraint(trial, floor - float(m.sqnr_db))  # <= 0: feasible
+        if _has_values(m, objective):
+            study.tell(trial, _values(m, objective))
+        else:
+            if m.ok:  # correct and timed, but the objective needs energy and none was measured
+                trial.set_user_attr("error", f"no energy measured: objective {objective} needs energy_uj")
+            study.tell(trial, state=TrialState.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        print(
+            f"qflash-tune: trial {trial.number} was finished by another process before this one "
+            "could record it; its measurement is dropped",
+            file=sys.stderr,
+        )
+        return False
+    return True
 
 
 def _metric(m: Measurement, objective: str) -> tuple[float | None, float | None]:
@@ -756,7 +769,7 @@ def _search(
             study.tell(trial, state=TrialState.FAIL)
             leases.release(lease_mod.CONFIG, config_hash)
             raise
-        _tell(
+        told = _tell(
             study,
             trial,
             config,
@@ -766,7 +779,8 @@ def _search(
             sqnr_floor,
             {"measured": True, "measured_by": measured_by},
         )
-        tracker.add(config_hash, TrialRecord(trial.number, config, m, measured_by), slot)
+        if told:
+            tracker.add(config_hash, TrialRecord(trial.number, config, m, measured_by), slot)
         leases.release(lease_mod.CONFIG, config_hash)  # after the tell: a new holder sees the result
         new += 1
         if on_progress is not None:
