@@ -12,6 +12,7 @@ stretches each one so that the workers overlap.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -36,6 +37,8 @@ FINISHED = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
 pytestmark = pytest.mark.skipif(
     not TABLE.is_file(), reason=f"{TABLE.name} (recorded on an H100) is not in this checkout"
 )
+
+DB_WRITE_RE = re.compile(r": added (\d+), replaced (\d+), kept better stored (\d+)")
 
 
 # -- fixtures --------------------------------------------------------------------------------------
@@ -161,11 +164,12 @@ def test_concurrent_workers_split_the_work_and_write_the_db_once(shared, tmp_pat
         assert study.user_attrs[DB_WRITTEN]["measured"] == sum(budgets)
     assert not _leases_left(st, prefix)
 
-    # the DB entries: written once, by the last worker, holding every worker's trials
-    writers = [out for _, out in outs if "DB " in out and ": added 2" in out]
-    assert len(writers) == 1, [out[-800:] for _, out in outs]
-    (other,) = [out for _, out in outs if out not in writers]
-    assert other.count("DB entry not written by this worker: left to worker") == 2, outs
+    # the DB entries: each study's written once, by the last worker to finish it (which worker
+    # that is depends on the machine's timing: on a loaded CI runner the quick worker was once
+    # last in one study), holding every worker's trials
+    writes = [tuple(map(int, w)) for _, out in outs for w in DB_WRITE_RE.findall(out)]
+    assert sum(a for a, _, _ in writes) == 2 and not any(r or k for _, r, k in writes), outs
+    assert sum(out.count("DB entry not written by this worker: left to worker") for _, out in outs) == 2, outs
     entries = {e["protocol"]["workload"]: e for e in yaml.safe_load((db / "h100.yaml").read_text())["entries"]}
     assert set(entries) == {"swin_t_s1", "swin_t_s2"}
     for study in studies:
