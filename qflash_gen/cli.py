@@ -3,7 +3,7 @@
 A tuned kernel is only trusted when it can be read.  ``qflash-show`` prints the exact Triton
 source the runtime would launch for a workload on a GPU (byte-identical to the cached file, whose
 name is its sha256), says why that config was picked (``exact`` / ``nearest:<key>`` /
-``default``), diffs two variants, and compiles one down to TTIR … SASS with its register, spill
+``sibling:<gpu>:...`` / ``default``), diffs two variants, and compiles one down to TTIR … SASS with its register, spill
 and shared-memory use.  ``qflash-db`` lists, shows, validates and reports on the YAML tuning DBs.
 
 Conventions shared by both commands:
@@ -213,7 +213,7 @@ class Target:
 
     label: str
     config: KernelConfig
-    why: str  # exact | nearest:<key> | default | explicit
+    why: str  # exact | nearest:<key> | sibling:<gpu>:... | default | explicit
     gpu: str | None = None
     shape: tuple[int, int, int, int] | None = None
     masked: bool = False

@@ -5,10 +5,15 @@ Lookup chain (``Kernel.why`` says which step answered):
 1. ``"exact"``: the DB holds this GPU's entry for the workload key.
 2. ``"nearest:<key>"``: an entry on this GPU with the same N, D, masking and dtypes, from the
    nearest B*H bucket (``keys.nearest_key``), whose config passes ``check_workload(N, D)``.
-3. ``"default"``: ``runtime.default_config(N, D)``, the verified safe default (also on machines
+3. ``"sibling:<gpu>:exact"`` / ``"sibling:<gpu>:nearest:<key>"``: steps 1 and 2 in the DB of
+   another known GPU of the same compute capability (``gpu.KNOWN_GPUS`` order; an H200 whose
+   own file is stale or empty takes the H100's tuned configs).  Tuned configs compile and give
+   the same bits on any GPU of the architecture; only their speed was measured elsewhere.
+   MIG slices and unknown names have no siblings.
+4. ``"default"``: ``runtime.default_config(N, D)``, the verified safe default (also on machines
    without CUDA when no ``gpu=`` is named: ``Kernel.gpu == "cpu"``).
 
-It never tunes.  A fallback (2 or 3) is logged once per (GPU, key) on logger
+It never tunes.  A fallback (2 to 4) is logged once per (GPU, key) on logger
 ``qflash_gen.kernel``.  Kernels are cached in-process per (DB, GPU, key); a write to the DB from
 this process drops the cache (``db.generation()``), writes from other processes are seen after
 ``clear_cache()`` or a restart.
@@ -66,7 +71,7 @@ class Kernel:
         config: the KernelConfig it runs.
         key: the WorkloadKey it was looked up for (N and D of every call must match it).
         gpu: short GPU name whose DB was consulted (``"cpu"``: none).
-        why: ``"exact"``, ``"nearest:<key>"`` or ``"default"``.
+        why: ``"exact"``, ``"nearest:<key>"``, ``"sibling:<gpu>:..."`` or ``"default"``.
         entry: the DB entry behind ``config`` (None for ``"default"``); ``origin`` its file.
         source: the rendered Triton source (``codegen.render(config)``).
     """
@@ -256,20 +261,43 @@ def _check_generation() -> None:
             _cache_generation = gen
 
 
+def siblings(gpu: str, database: _db.TuningDB) -> list[str]:
+    """Other known GPUs of ``gpu``'s compute capability that have a DB file, in ``KNOWN_GPUS``
+    order (none for a name outside it: MIG slices, unknown cards)."""
+    spec = KNOWN_GPUS.get(gpu)
+    if spec is None:
+        return []
+    have = set(database.gpus())
+    return [g for g, s in KNOWN_GPUS.items() if g != gpu and s.cc == spec.cc and g in have]
+
+
+def _from_db(database: _db.TuningDB, source: str, gpu: str, key: WorkloadKey, why_prefix: str = "") -> Kernel | None:
+    """The exact or nearest-bucket entry for ``key`` in ``source``'s DB that fits N and D, as the
+    Kernel run on ``gpu``; None when there is none."""
+    located = database.located(source)
+    hit = located.get(key)
+    if hit is not None and fits(hit[0].config, key.n, key.d):
+        return Kernel(hit[0].config, key, gpu, f"{why_prefix}exact", hit[0], hit[1])
+    usable = {k: v for k, v in located.items() if fits(v[0].config, key.n, key.d)}
+    near = nearest_key(key, usable)
+    if near is None:
+        return None
+    entry, origin = usable[near]
+    return Kernel(entry.config, key, gpu, f"{why_prefix}nearest:{near.to_str()}", entry, origin)
+
+
 def _choose(database: _db.TuningDB, gpu: str, key: WorkloadKey) -> Kernel:
     default = runtime.default_config(key.n, key.d)
     if gpu == CPU:
         return Kernel(default, key, gpu, "default")
-    located = database.located(gpu)
-    hit = located.get(key)
-    if hit is not None and fits(hit[0].config, key.n, key.d):
-        return Kernel(hit[0].config, key, gpu, "exact", hit[0], hit[1])
-    usable = {k: v for k, v in located.items() if fits(v[0].config, key.n, key.d)}
-    near = nearest_key(key, usable)
-    if near is not None:
-        entry, origin = usable[near]
-        kern = Kernel(entry.config, key, gpu, f"nearest:{near.to_str()}", entry, origin)
-    else:
+    kern = _from_db(database, gpu, gpu, key)
+    if kern is not None and kern.why == "exact":
+        return kern
+    for other in [] if kern is not None else siblings(gpu, database):
+        kern = _from_db(database, other, gpu, key, why_prefix=f"sibling:{other}:")
+        if kern is not None:
+            break
+    if kern is None:
         kern = Kernel(default, key, gpu, "default")
     marker = (gpu, key.to_str(), kern.why)
     if marker not in _logged:

@@ -119,6 +119,40 @@ def test_default_lookup(tdb, monkeypatch):
     assert big.config == runtime.default_config(1100, 64) and big.config.acc_bits == 64
 
 
+def test_a_gpu_without_entries_takes_a_sibling_of_its_architecture(tdb):
+    """An H200 (sm_90) with no usable entry of its own runs the H100's tuned config: exact key
+    first, then the nearest bucket; never a card of another architecture, never a MIG slice."""
+    shape = (2, 6, 197, 64)
+    near_cfg = TUNED.replace(block_m=32)
+    tdb.write("h100", [make_entry(workload_key(shape)), make_entry(workload_key(1, 1024, 197, 64), near_cfg)])
+    tdb.write("a100", [make_entry(workload_key(1, 1, 49, 32), TUNED.replace(num_warps=4))])
+    assert kernel.siblings("h200", tdb) == ["h100"] and kernel.siblings("h100", tdb) == []
+    assert kernel.siblings("h100_mig_1g.10gb", tdb) == [] and kernel.siblings("a30", tdb) == ["a100"]
+    kern = kernel.get_kernel(shape, gpu="h200", db=tdb)
+    assert kern.why == "sibling:h100:exact" and kern.config == TUNED and kern.gpu == "h200"
+    assert kern.origin == tdb.path("h100")
+    far = kernel.get_kernel((64, 6, 197, 64), gpu="h200", db=tdb)  # bh 384: bucket 1024 is nearest
+    assert far.why == f"sibling:h100:nearest:{workload_key(1, 1024, 197, 64).to_str()}" and far.config == near_cfg
+    # b200 (sm_100) has no sibling with a file: the default
+    assert kernel.get_kernel(shape, gpu="b200", db=tdb).why == "default"
+    # the GPU's own nearest bucket wins over a sibling's exact entry
+    tdb.write("h200", [make_entry(workload_key(1, 1, 197, 64), TUNED.replace(num_stages=2))])
+    own = kernel.get_kernel(shape, gpu="h200", db=tdb)
+    assert own.why == f"nearest:{workload_key(1, 1, 197, 64).to_str()}" and own.config.num_stages == 2
+
+
+def test_a_stale_own_file_falls_back_to_the_sibling(tdb, tmp_path):
+    shape = (1, 12, 197, 64)
+    tdb.write("h100", [make_entry(workload_key(shape))])
+    tdb.write("h200", [make_entry(workload_key(shape), TUNED.replace(num_stages=2))])
+    path = tdb.path("h200")
+    path.write_text(path.read_text().replace(codegen.template_hash(), "f" * 64))  # another template
+    kernel.clear_cache()
+    assert not tdb.located("h200")  # skipped as stale
+    kern = kernel.get_kernel(shape, gpu="h200", db=tdb)
+    assert kern.why == "sibling:h100:exact" and kern.config == TUNED
+
+
 def test_fallback_logged_once_per_key(tdb, caplog):
     kernel._logged.clear()
     with caplog.at_level(logging.INFO, logger="qflash_gen.kernel"):
