@@ -292,11 +292,12 @@ def _choose(database: _db.TuningDB, gpu: str, key: WorkloadKey) -> Kernel:
         return Kernel(default, key, gpu, "default")
     kern = _from_db(database, gpu, gpu, key)
     if kern is not None and kern.why == "exact":
-        return kern
-    for other in [] if kern is not None else siblings(gpu, database):
-        kern = _from_db(database, other, gpu, key, why_prefix=f"sibling:{other}:")
-        if kern is not None:
-            break
+        return kern  # the one answer that is not logged
+    if kern is None:
+        for other in siblings(gpu, database):
+            kern = _from_db(database, other, gpu, key, why_prefix=f"sibling:{other}:")
+            if kern is not None:
+                break
     if kern is None:
         kern = Kernel(default, key, gpu, "default")
     marker = (gpu, key.to_str(), kern.why)
