@@ -3,8 +3,8 @@
 A tuned kernel is only trusted when it can be read.  ``qflash-show`` prints the exact Triton
 source the runtime would launch for a workload on a GPU (byte-identical to the cached file, whose
 name is its sha256), says why that config was picked (``exact`` / ``nearest:<key>`` /
-``sibling:<gpu>:...`` / ``default``), diffs two variants, and compiles one down to TTIR … SASS with its register, spill
-and shared-memory use.  ``qflash-db`` lists, shows, validates and reports on the YAML tuning DBs.
+``sibling:<gpu>:...`` / ``default``), diffs two variants, and compiles one down to TTIR … SASS
+with its register, spill and shared-memory use.  ``qflash-db`` lists, shows, validates and reports on the YAML tuning DBs.
 
 Conventions shared by both commands:
 

@@ -70,7 +70,8 @@ class Kernel:
     Attributes:
         config: the KernelConfig it runs.
         key: the WorkloadKey it was looked up for (N and D of every call must match it).
-        gpu: short GPU name whose DB was consulted (``"cpu"``: none).
+        gpu: short name of the GPU it was looked up for (``"cpu"``: no DB); a sibling's
+            entry (``why`` ``"sibling:..."``) came from that card's file, named by ``origin``.
         why: ``"exact"``, ``"nearest:<key>"``, ``"sibling:<gpu>:..."`` or ``"default"``.
         entry: the DB entry behind ``config`` (None for ``"default"``); ``origin`` its file.
         source: the rendered Triton source (``codegen.render(config)``).
