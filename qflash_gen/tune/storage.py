@@ -149,12 +149,21 @@ def _redact(url: str) -> str:
     return f"{scheme}{sep}{user}:***@{host}"
 
 
+def as_backend(storage: optuna.storages.BaseStorage | str) -> optuna.storages.BaseStorage:
+    """The storage itself: a URL or journal path is opened as ``--storage`` opens it (the installed
+    driver named, concurrent table creation retried); Optuna's cache layer is not needed here."""
+    if isinstance(storage, str):
+        return open_storage(storage)[0]
+    return storage
+
+
 def owner_tag() -> str:
     """``host:pid`` of this process, stored on each trial so a later run can tell whose it was."""
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Is process ``pid`` of this host still there (a process of another user counts as alive)?"""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -174,7 +183,7 @@ def fail_abandoned(study: optuna.Study) -> int:
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         owner = str(t.user_attrs.get("owner", ""))
         h, _, pid = owner.rpartition(":")
-        if h != host or not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+        if h != host or not pid.isdigit() or int(pid) == os.getpid() or pid_alive(int(pid)):
             continue
         try:
             study.tell(t.number, state=optuna.trial.TrialState.FAIL)
