@@ -103,25 +103,27 @@ def constexpr_names() -> tuple[str, ...]:
     return tuple(p.name for p in PARAMS if p.kind == CONSTEXPR)
 
 
-def render_params(indent: str = "    ") -> str:
+def render_params(params: tuple[Param, ...] = PARAMS, indent: str = "    ") -> str:
     """The parameter list of ``_qflash_fwd`` as it appears in the rendered file."""
     lines: list[str] = []
-    for p in PARAMS:
+    for p in params:
         if p.group:
             lines.append(f"{indent}# {p.group}")
         lines.append(f"{indent}{p.name}: tl.constexpr," if p.kind == CONSTEXPR else f"{indent}{p.name},")
     return "\n".join(lines)
 
 
-def _generate_pack() -> tuple[str, Callable[..., tuple]]:
-    body = ",\n        ".join(p.value for p in PARAMS)
+def build_pack(params: tuple[Param, ...] = PARAMS) -> tuple[str, Callable[..., tuple]]:
+    """``(source, function)`` of the packer for ``params``: a function of CALL_FACTS returning
+    the launch's positional arguments (generated code, as Triton generates its binder)."""
+    body = ",\n        ".join(p.value for p in params)
     source = f"def pack({', '.join(CALL_FACTS)}):\n    return (\n        {body},\n    )\n"
     namespace: dict[str, Any] = {}
     exec(compile(source, "<qflash_gen.codegen.signature.pack>", "exec"), namespace)  # noqa: S102 - code from PARAMS
     return source, namespace["pack"]
 
 
-PACK_SOURCE, pack = _generate_pack()
+PACK_SOURCE, pack = build_pack()
 pack.__doc__ = """The positional arguments of one launch of ``_qflash_fwd``, in PARAMS order, from the
 call facts (CALL_FACTS order; generated from PARAMS, see PACK_SOURCE)."""
 

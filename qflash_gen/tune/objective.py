@@ -6,21 +6,16 @@ measured without energy fails), ``pareto`` (NSGA-II over latency x SQNR) and ``p
 latency,energy,sqnr``).  For ``energy`` the pick is the least energy under the same rules; the
 Pareto objectives pick the fastest point for the DB and keep the front.
 
-The pick (:func:`select_best`): the fastest feasible trial, except that a simpler config
-(:func:`qflash_gen.tune.space.complexity`) within measurement noise of it wins the tie.
+The pick over measured trials (``select_best``, ``pareto_front``) is in :mod:`.trials`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from qflash_gen.tune.measure.base import Measurement
-from qflash_gen.tune.space import complexity
-
-if TYPE_CHECKING:
-    from qflash_gen.tune.trials import TrialRecord
 
 Objective = Literal["latency", "energy", "pareto", "pareto-energy"]
 OBJECTIVES: tuple[str, ...] = ("latency", "energy", "pareto", "pareto-energy")
@@ -101,52 +96,3 @@ def metric(m: Measurement, objective: str) -> tuple[float | None, float | None]:
     if objective == "energy":
         return m.energy_uj, m.energy_spread_uj
     return m.latency_us, m.spread_us
-
-
-def tie_tolerance(best: Measurement, other: Measurement, objective: str = "latency") -> float:
-    """How far ``other`` may be above ``best`` (µs, or µJ for ``energy``) and still tie with it
-    (measurement noise)."""
-    value, best_spread = metric(best, objective)
-    assert value is not None
-    spread = 0.5 * ((best_spread or 0.0) + (metric(other, objective)[1] or 0.0))
-    return min(max(TIE_REL_MIN * value, spread), TIE_REL_MAX * value)
-
-
-def select_best(records: Sequence[TrialRecord], sqnr_floor: float, objective: str = "latency") -> TrialRecord | None:
-    """The fastest record at or above the floor (the least energy for ``objective="energy"``); a
-    simpler one within noise wins the tie."""
-    ok = [r for r in records if r.measurement.feasible(sqnr_floor) and has_values(r.measurement, objective)]
-    if not ok:
-        return None
-
-    def value(r: TrialRecord) -> float:
-        return float(metric(r.measurement, objective)[0])
-
-    best = min(ok, key=lambda r: (value(r), complexity(r.config)))
-    ties = [r for r in ok if value(r) - value(best) <= tie_tolerance(best.measurement, r.measurement, objective)]
-    return min(ties, key=lambda r: (complexity(r.config), value(r)))
-
-
-def pareto_front(records: Sequence[TrialRecord], axes: Sequence[str] = PARETO_AXES["pareto"]) -> list[TrialRecord]:
-    """Correct records not dominated in ``axes`` (latency ↓, energy ↓, SQNR ↑), fastest first."""
-    ok = [r for r in records if r.measurement.ok and all(axis_value(r.measurement, a) is not None for a in axes)]
-    sign = [1.0 if AXIS_DIRECTION[a] == "minimize" else -1.0 for a in axes]
-
-    def costs(r: TrialRecord) -> list[float]:
-        return [s * float(axis_value(r.measurement, a)) for s, a in zip(sign, axes, strict=True)]
-
-    front = []
-    for r in ok:
-        mine = costs(r)
-        dominated = False
-        for o in ok:
-            theirs = costs(o)
-            if all(t <= m for t, m in zip(theirs, mine, strict=True)) and theirs != mine:
-                dominated = True
-                break
-        if not dominated:
-            front.append(r)
-    unique: dict[str, TrialRecord] = {}
-    for r in sorted(front, key=lambda r: (r.latency_us, -r.sqnr_db)):
-        unique.setdefault(r.config.hash, r)
-    return list(unique.values())

@@ -4,6 +4,9 @@ What is stored on each trial (``user_attrs``): ``config`` and ``config_hash``, t
 ``measured`` and ``measured_by`` for a trial that measured, ``duplicate_of`` for one told an
 earlier trial's result, ``claimed_by`` for one skipped because another process was measuring
 its config, and ``worker``: the slot that asked for it (the attribute keeps its older name).
+
+The pick (:func:`select_best`): the fastest feasible trial, except that a simpler config
+(:func:`qflash_gen.tune.space.complexity`) within measurement noise of it wins the tie.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import dataclasses
 import sys
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import optuna
@@ -20,7 +23,17 @@ from optuna.trial import TrialState
 
 from qflash_gen.config import KernelConfig
 from qflash_gen.tune.measure.base import Measurement, ShapeSpec
-from qflash_gen.tune.objective import PARETO_AXES, has_values, pareto_front, select_best, values
+from qflash_gen.tune.objective import (
+    AXIS_DIRECTION,
+    PARETO_AXES,
+    TIE_REL_MAX,
+    TIE_REL_MIN,
+    axis_value,
+    has_values,
+    metric,
+    values,
+)
+from qflash_gen.tune.space import complexity
 
 SamplerName = Literal["tpe", "random", "nsga2"]
 INFEASIBLE = 1.0  # constraint value of a trial that has no SQNR (pruned before measuring)
@@ -269,3 +282,52 @@ def fail_strays(study: optuna.Study) -> int:
         except (RuntimeError, ValueError):  # finished meanwhile
             pass
     return n
+
+
+def tie_tolerance(best: Measurement, other: Measurement, objective: str = "latency") -> float:
+    """How far ``other`` may be above ``best`` (µs, or µJ for ``energy``) and still tie with it
+    (measurement noise)."""
+    value, best_spread = metric(best, objective)
+    assert value is not None
+    spread = 0.5 * ((best_spread or 0.0) + (metric(other, objective)[1] or 0.0))
+    return min(max(TIE_REL_MIN * value, spread), TIE_REL_MAX * value)
+
+
+def select_best(records: Sequence[TrialRecord], sqnr_floor: float, objective: str = "latency") -> TrialRecord | None:
+    """The fastest record at or above the floor (the least energy for ``objective="energy"``); a
+    simpler one within noise wins the tie."""
+    ok = [r for r in records if r.measurement.feasible(sqnr_floor) and has_values(r.measurement, objective)]
+    if not ok:
+        return None
+
+    def value(r: TrialRecord) -> float:
+        return float(metric(r.measurement, objective)[0])
+
+    best = min(ok, key=lambda r: (value(r), complexity(r.config)))
+    ties = [r for r in ok if value(r) - value(best) <= tie_tolerance(best.measurement, r.measurement, objective)]
+    return min(ties, key=lambda r: (complexity(r.config), value(r)))
+
+
+def pareto_front(records: Sequence[TrialRecord], axes: Sequence[str] = PARETO_AXES["pareto"]) -> list[TrialRecord]:
+    """Correct records not dominated in ``axes`` (latency ↓, energy ↓, SQNR ↑), fastest first."""
+    ok = [r for r in records if r.measurement.ok and all(axis_value(r.measurement, a) is not None for a in axes)]
+    sign = [1.0 if AXIS_DIRECTION[a] == "minimize" else -1.0 for a in axes]
+
+    def costs(r: TrialRecord) -> list[float]:
+        return [s * float(axis_value(r.measurement, a)) for s, a in zip(sign, axes, strict=True)]
+
+    front = []
+    for r in ok:
+        mine = costs(r)
+        dominated = False
+        for o in ok:
+            theirs = costs(o)
+            if all(t <= m for t, m in zip(theirs, mine, strict=True)) and theirs != mine:
+                dominated = True
+                break
+        if not dominated:
+            front.append(r)
+    unique: dict[str, TrialRecord] = {}
+    for r in sorted(front, key=lambda r: (r.latency_us, -r.sqnr_db)):
+        unique.setdefault(r.config.hash, r)
+    return list(unique.values())
