@@ -27,6 +27,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from qflash_gen.keys import DTYPE_NAMES
 from qflash_gen.reference import SQNR_FLOOR_DB
 from qflash_gen.tune import commands
 from qflash_gen.tune.setup import UsageError, check_numbers, grid_for, live, shapes_from, simulated
@@ -86,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--energy-repeats", type=int, default=3, help="energy: rounds of idle + loop (default 3)")
     p.add_argument("--sampler", choices=("tpe", "random", "nsga2"), help="default: tpe (latency), nsga2 (pareto)")
     p.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
-    p.add_argument("--dtype", choices=("fp16", "bf16", "fp32", "int8"), help="workload dtype (default fp16)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, help="workload dtype (default fp16)")
     p.add_argument(
         "--grid",
         choices=sorted(GRIDS),
@@ -136,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="write the DB from the studies in --storage and measure nothing (the last step of a tuning farm)",
     )
-    p.add_argument("--device-label", help=argparse.SUPPRESS)  # set by --devices for each worker it starts
+    p.add_argument("--device-label", help=argparse.SUPPRESS)  # set by --devices for each device runner it starts
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 

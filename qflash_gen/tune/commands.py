@@ -82,7 +82,7 @@ def _tune(args: argparse.Namespace, measurer: Any, dtype: str, shapes: list, gri
     gpu = measurer.gpu
     provenance = measurer.provenance
     environment = provenance.get("environment") or {}
-    # How this worker measures: stored on each study, so `qflash-tune --export` can write the DB
+    # How this process measures: stored on each study, so `qflash-tune --export` can write the DB
     # entry on a machine that measured nothing.
     record = {
         "gpu": gpu,
@@ -101,7 +101,7 @@ def _tune(args: argparse.Namespace, measurer: Any, dtype: str, shapes: list, gri
     err.print(escape(f"qflash-tune: gpu {gpu}{label}, {len(plans)} studies, storage {storage_desc}"))
     results = []
     t_start = time.monotonic()
-    # A worker slot in every study first: workers started together each spend their own budget
+    # A slot in every study first: processes started together each spend their own budget
     # in every study, however far apart their progress drifts (study.open_study).
     runs = []
     try:
@@ -245,7 +245,7 @@ def _run_devices(args: argparse.Namespace, argv: list[str], shapes: list) -> int
     if args.simulate:
         measurer, dtype = simulated(args)
         gpu, grid = measurer.gpu, grid_for(args, measurer)
-        workers = [(f"sim:{i}", {}) for i in indices]
+        runners = [(f"sim:{i}", {}) for i in indices]
     else:
         try:
             models = devices.device_models(indices)
@@ -257,17 +257,17 @@ def _run_devices(args: argparse.Namespace, argv: list[str], shapes: list) -> int
             raise UsageError(f"--gpu {args.gpu} does not match the GPUs of --devices {args.devices}: {shown}")
         dtype = args.dtype or "fp16"
         grid = grid_for(args, None)
-        workers = [(f"cuda:{i}", {"CUDA_VISIBLE_DEVICES": devices.physical_index(i)}) for i in indices]
+        runners = [(f"cuda:{i}", {"CUDA_VISIBLE_DEVICES": devices.physical_index(i)}) for i in indices]
     out, err = consoles()
-    open_storage_arg(args)  # a bad --storage is a usage error here, not once per worker
+    open_storage_arg(args)  # a bad --storage is a usage error here, not once per device runner
     t0 = time.monotonic()
-    err.print(escape(f"qflash-tune: {len(workers)} workers ({', '.join(w for w, _ in workers)}) on gpu {gpu}"))
-    codes = devices.run_device_runners(devices.child_argv(argv), workers, err=err)
+    err.print(escape(f"qflash-tune: {len(runners)} workers ({', '.join(w for w, _ in runners)}) on gpu {gpu}"))
+    codes = devices.run_device_runners(devices.child_argv(argv), runners, err=err)
     wall = time.monotonic() - t0
 
     storage, storage_desc = open_storage_arg(args)
-    labels = [w for w, _ in workers]
-    table = Table(title=f"qflash-tune --devices {args.devices}: {len(workers)} workers on {gpu}, wall {wall:.1f} s")
+    labels = [w for w, _ in runners]
+    table = Table(title=f"qflash-tune --devices {args.devices}: {len(runners)} workers on {gpu}, wall {wall:.1f} s")
     for col in ("workload", "batch", "measured", *labels, "other hosts", "best config", "us", "DB written by"):
         table.add_column(col, justify="left" if col in ("workload", "best config", "DB written by") else "right")
     backend = None

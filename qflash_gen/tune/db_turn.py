@@ -28,7 +28,7 @@ from qflash_gen.tune.trials import StudyResult, fail_strays
 class DBWrite:
     """This process's turn to write one study's winner into the YAML DB (:func:`claim_db_write`).
 
-    ``result`` is the study as stored when the turn was taken (every worker's trials).  Call
+    ``result`` is the study as stored when the turn was taken (every slot's trials).  Call
     :meth:`done` after the write (it records it on the study and ends the turn) or :meth:`cancel`
     (the write failed: a later run retries)."""
 
@@ -74,6 +74,8 @@ def claim_db_write(
         return None, "no such study in the storage"
     leases = lease_mod.Leases(backend, study_id)
     running = leases.live(lease_mod.SLOT, wait=True)
+    # (the messages below say "worker" for a slot's process: the text qflash-tune users and
+    # docs/distributed.md know)
     if running and not force:
         who = ", ".join(
             f"worker {i.key} ({(i.holder or {}).get('host')}:{(i.holder or {}).get('pid')})" for i in running
@@ -82,7 +84,7 @@ def claim_db_write(
     if not leases.acquire(lease_mod.EXPORT, "db"):
         return None, "another worker is writing it now"
     try:
-        if not running:  # the last worker: tidy up after dead ones
+        if not running:  # the last slot: tidy up after dead ones
             leases.reap_dead(wait=True)
             fail_strays(optuna.load_study(study_name=name, storage=backend))
         result = load_result(backend, name, shape, space, objective=objective, sqnr_floor=sqnr_floor)

@@ -4,11 +4,11 @@ The parent measures nothing.  It checks that the GPUs are one model (a study and
 per GPU model: an H100 SXM and an H100 PCIe are different GPUs here), then starts one
 ``qflash-tune`` per device (a *device runner*) with the same arguments, pinned to its GPU by ``CUDA_VISIBLE_DEVICES``
 (an index is mapped through the parent's own ``CUDA_VISIBLE_DEVICES`` if it has one) and labeled
-``cuda:<i>``.  The workers share the studies through the storage: each takes a worker slot and
+``cuda:<i>``.  The runners share the studies through the storage: each takes a slot and
 spends its own ``--trials`` (:mod:`.study`), leases keep them from measuring a config twice, and the
-last one to finish a study writes its DB entry (:mod:`.lease`).  Each worker's output is
-forwarded with its label in front.  With ``--simulate`` the workers replay the table instead
-(labels ``sim:<i>``, no GPU is touched): the multi-worker path runs in CI.
+last one to finish a study writes its DB entry (:mod:`.db_turn`).  Each runner's output is
+forwarded with its label in front.  With ``--simulate`` the runners replay the table instead
+(labels ``sim:<i>``, no GPU is touched): the several-runner path runs in CI.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def physical_index(index: int, environ: Mapping[str, str] | None = None) -> str:
 
 
 def child_argv(argv: Sequence[str]) -> list[str]:
-    """The parent's arguments without ``--devices`` (each worker gets ``--device-label``)."""
+    """The parent's arguments without ``--devices`` (each device runner gets ``--device-label``)."""
     out: list[str] = []
     skip = False
     for a in argv:
@@ -96,7 +96,7 @@ def _forward(stream: TextIO, label: str, sink: TextIO, lock: threading.Lock) -> 
 
 def run_device_runners(
     argv: Sequence[str],
-    workers: Sequence[tuple[str, Mapping[str, str]]],
+    runners: Sequence[tuple[str, Mapping[str, str]]],
     *,
     err: Any = None,
     sink: TextIO | None = None,
@@ -107,7 +107,7 @@ def run_device_runners(
     lock = threading.Lock()
     procs: list[subprocess.Popen[str]] = []
     threads = []
-    for label, extra in workers:
+    for label, extra in runners:
         env = {**os.environ, **extra, "PYTHONUNBUFFERED": "1"}
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_ROOT), env.get("PYTHONPATH", "")) if p)
         proc = subprocess.Popen(

@@ -293,7 +293,7 @@ def _search(
     measured_by, t0 = run.measured_by, time.monotonic()
     tracker = MeasuredTrials()
     tracker.refresh(study)
-    measured = tracker.by_hash  # every measured config of the study: earlier runs and other workers too
+    measured = tracker.by_hash  # every measured config of the study: earlier runs and other processes too
     for config in enqueue:
         params = space.params_for(config)
         if params is not None and config.hash not in measured:
@@ -348,11 +348,11 @@ def _search(
             study.tell(trial, state=TrialState.PRUNED)
             continue
         config_hash = config.hash
-        tracker.refresh(study)  # measurements by other workers on the same storage
+        tracker.refresh(study)  # measurements by other processes on the same storage
         prior = measured.get(config_hash)
         if prior is None:
             if not leases.acquire(lease_mod.CONFIG, config_hash, trial=trial.number):
-                # Another worker is measuring it right now: skip it (FAIL: no sampler learns from it).
+                # Another process is measuring it right now: skip it (FAIL: no sampler learns from it).
                 holder = leases.holder_of(lease_mod.CONFIG, config_hash) or {}
                 trial.set_user_attr("config", config.to_dict())
                 trial.set_user_attr("config_hash", config_hash)
@@ -362,7 +362,7 @@ def _search(
                 if duplicates_in_row >= STUCK_DUPLICATES:
                     duplicates_in_row = 0
                     if not unstick():
-                        break  # what is left is being measured by other workers
+                        break  # what is left is being measured by other processes
                 continue
             tracker.refresh(study)  # measured by someone who released the lease just before we took it?
             prior = measured.get(config_hash)
@@ -383,7 +383,7 @@ def _search(
             if duplicates_in_row >= STUCK_DUPLICATES:
                 duplicates_in_row = 0
                 if not unstick():
-                    break  # what is left is being measured by other workers
+                    break  # what is left is being measured by other processes
             continue
         duplicates_in_row = 0
         try:

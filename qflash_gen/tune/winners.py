@@ -173,7 +173,7 @@ def write_winners(
     """Write the winners this process has the turn for (:func:`study.claim_db_write`).
 
     Returns ``(report, fronts, notes, results)`` with the results refreshed from storage where
-    this process wrote them (they then hold every worker's trials)."""
+    this process wrote them (they then hold every slot's trials)."""
     from rich.markup import escape
 
     turns, notes, fresh = [], [], []
@@ -189,7 +189,7 @@ def write_winners(
             fresh.append((r, space))
             continue
         turns.append((turn, space))
-        # the study as stored now (every worker's trials), with this worker's own counts kept
+        # the study as stored now (every slot's trials), with this process's own counts kept
         fresh.append((dataclasses.replace(turn.result, slot=r.slot, new_measurements=r.new_measurements), space))
     report, fronts = None, []
     if not turns:
