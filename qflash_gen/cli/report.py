@@ -117,6 +117,7 @@ def load_histories(storage_spec: str, pattern: str) -> list[StudyHistory]:
     import optuna
     from optuna.trial import TrialState
 
+    from qflash_gen.tune.lease import is_lease_name
     from qflash_gen.tune.storage import open_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -128,11 +129,11 @@ def load_histories(storage_spec: str, pattern: str) -> list[StudyHistory]:
         storage, _ = open_storage(storage_spec)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    # qflash-lease:* studies are the distributed tuner's claims (tune/lease.py), not tuning runs.
+    # lease studies are the distributed tuner's claims (tune/lease.py), not tuning runs
     names = [
         s.study_name
         for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
-        if not s.study_name.startswith("qflash-lease:")
+        if not is_lease_name(s.study_name)
     ]
     chosen = [n for n in names if n == pattern] or [n for n in names if fnmatch.fnmatchcase(n, pattern)]
     if not chosen:
