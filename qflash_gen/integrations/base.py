@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qflash_gen import checks, quant
+from qflash_gen import checks
 from qflash_gen.config import KernelConfig
 from qflash_gen.integrations import calibration
-from qflash_gen.integrations.ops import config_arg, static_params
+from qflash_gen.integrations.ops import config_arg, static_bias, static_params
 
 SCALE_MODES = ("dynamic", "static")
 SCALE_BUFFERS = ("qflash_scales", "qflash_ints", "qflash_floats", "qflash_bias")
@@ -185,28 +185,10 @@ class QFlashModule(nn.Module):
         w, b = self.qkv.weight, self.qkv.bias
         if w.device.type == "meta":
             return
-        c = self.num_heads * self.head_dim
-        work = torch.promote_types(w.dtype, torch.float32)  # fold in float32 (float64 for a float64 model)
-        row_scale = torch.ones(3 * c, dtype=work, device=w.device)
-        shift = torch.zeros(3 * c, dtype=work, device=w.device)
-        if self._can_fold_qk():
-            if s is not None:
-                row_scale[:c] = s.flatten()
-                row_scale[c : 2 * c] = 1.0 / s.flatten().to(work)
-            if kmean is not None:
-                shift[c : 2 * c] = kmean.flatten()
-        if t is not None:
-            row_scale[2 * c :] = 1.0 / t.flatten().to(work)
-        if bool((row_scale != 1).any()):
-            self.register_buffer("qflash_qkv_weight", (w.to(work) * row_scale[:, None]).to(w.dtype), persistent=False)
-        if bool((shift != 0).any()) or (b is not None and "qflash_qkv_weight" in self._buffers):
-            bw = b.to(work) if b is not None else torch.zeros_like(shift)
-            self.register_buffer("qflash_qkv_bias", ((bw - shift) * row_scale).to(w.dtype), persistent=False)
-        if t is not None and self._can_fold_out():
-            pw = self.proj.weight
-            self.register_buffer(
-                "qflash_proj_weight", (pw.to(work) * t.flatten()[None, :]).to(pw.dtype), persistent=False
-            )
+        proj_weight = self.proj.weight if self._can_fold_out() else None  # None: undone per call
+        folded = calibration.fold_weights(w, b, proj_weight, kmean, s, t, fold_qk=self._can_fold_qk())
+        for name, tensor in folded.items():
+            self.register_buffer(name, tensor, persistent=False)
 
     def _per_head(self, vec: torch.Tensor, heads: int, like: torch.Tensor) -> torch.Tensor:
         """A (H, D) vector as (1, heads, 1, D) for a head axis of ``heads`` (a multiple of H, head j
@@ -338,24 +320,7 @@ class QFlashModule(nn.Module):
         """Integer bias for the static constants (one bias_to_int per scale column, on the device).
 
         ``heads``: the head axis of the kernel call (H, or num_windows * H for Swin)."""
-        if attn_mask is None and float_bias is None:
-            return None
-        ints, floats = self.qflash_ints, self.qflash_floats
-        n_cols = ints.shape[0]
-        parts = [
-            quant.bias_to_int(attn_mask, quant.KernelParams(ints[p], floats[p]), float_bias=float_bias)
-            for p in range(n_cols)
-        ]
-        if n_cols == 1:
-            return parts[0]
-        # Per head: column p serves the heads j with j % P == p (the op's layout); each column's
-        # bias is built with its own R, so take its heads and put the columns back together.
-        full = torch.broadcast_shapes(*(p.shape for p in parts))
-        full = (1,) * (4 - len(full)) + tuple(full)
-        full = (full[0], heads, full[2], full[3])
-        split = (heads // n_cols, n_cols)
-        cols = [p.expand(full).unflatten(1, split)[:, :, i] for i, p in enumerate(parts)]
-        return torch.stack(cols, dim=2).reshape(full)
+        return static_bias(self.qflash_ints, self.qflash_floats, attn_mask, float_bias, heads)
 
     def core(
         self,

@@ -73,3 +73,43 @@ def derive(
         amax = amax.amax(dim=1, keepdim=True)
     scales = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
     return (kmean if smooth_k else None), qk_eq, v_eq, scales
+
+
+@torch.no_grad()
+def fold_weights(
+    qkv_weight: torch.Tensor,
+    qkv_bias: torch.Tensor | None,
+    proj_weight: torch.Tensor | None,
+    kmean: torch.Tensor | None,
+    qk_eq: torch.Tensor | None,
+    v_eq: torch.Tensor | None,
+    *,
+    fold_qk: bool,
+) -> dict[str, torch.Tensor]:
+    """The transforms folded into copies of the weights: ``qflash_qkv_weight`` (rows of q scaled
+    by s, of k by 1/s, of v by 1/t), ``qflash_qkv_bias`` (the k bias shifted by kmean, then
+    scaled likewise) and ``qflash_proj_weight`` (columns scaled by t), each only where it differs
+    from the original.  ``fold_qk`` False, or ``proj_weight`` None: a norm sits in between (that
+    part then runs per call).  The arithmetic runs in float32 (float64 for a float64 model)."""
+    out: dict[str, torch.Tensor] = {}
+    w, b, s, t = qkv_weight, qkv_bias, qk_eq, v_eq
+    c = w.shape[0] // 3
+    work = torch.promote_types(w.dtype, torch.float32)
+    row_scale = torch.ones(3 * c, dtype=work, device=w.device)
+    shift = torch.zeros(3 * c, dtype=work, device=w.device)
+    if fold_qk:
+        if s is not None:
+            row_scale[:c] = s.flatten()
+            row_scale[c : 2 * c] = 1.0 / s.flatten().to(work)
+        if kmean is not None:
+            shift[c : 2 * c] = kmean.flatten()
+    if t is not None:
+        row_scale[2 * c :] = 1.0 / t.flatten().to(work)
+    if bool((row_scale != 1).any()):
+        out["qflash_qkv_weight"] = (w.to(work) * row_scale[:, None]).to(w.dtype)
+    if bool((shift != 0).any()) or (b is not None and "qflash_qkv_weight" in out):
+        bw = b.to(work) if b is not None else torch.zeros_like(shift)
+        out["qflash_qkv_bias"] = ((bw - shift) * row_scale).to(w.dtype)
+    if t is not None and proj_weight is not None:
+        out["qflash_proj_weight"] = (proj_weight.to(work) * t.flatten()[None, :]).to(proj_weight.dtype)
+    return out

@@ -35,7 +35,7 @@ from qflash_gen import api, checks, codegen, launch, quant
 from qflash_gen.config import KernelConfig, check_workload, default_config
 from qflash_gen.kernel import config_for_call
 
-__all__ = ["attention", "attention_static", "config_arg", "static_params"]
+__all__ = ["attention", "attention_static", "config_arg", "static_bias", "static_params"]
 
 
 def config_arg(config: KernelConfig | None) -> str:
@@ -111,6 +111,35 @@ def static_params(scales: torch.Tensor, head_dim: int, scale: float | None = Non
         for p in range(scales.shape[1])
     ]
     return torch.stack([p.ints for p in params]), torch.stack([p.floats for p in params])
+
+
+def static_bias(
+    ints: torch.Tensor,
+    floats: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    float_bias: torch.Tensor | None,
+    heads: int,
+) -> torch.Tensor | None:
+    """The int32 ``bias`` argument of ``attention_static`` for the constants of each scale column
+    (``static_params``): one ``quant.bias_to_int`` per column, on the device.  ``heads``: the
+    head axis of the call (H, or num_windows * H for Swin)."""
+    if attn_mask is None and float_bias is None:
+        return None
+    n_cols = ints.shape[0]
+    parts = [
+        quant.bias_to_int(attn_mask, quant.KernelParams(ints[p], floats[p]), float_bias=float_bias)
+        for p in range(n_cols)
+    ]
+    if n_cols == 1:
+        return parts[0]
+    # Per head: column p serves the heads j with j % P == p (the op's layout); each column's
+    # bias is built with its own R, so take its heads and put the columns back together.
+    full = torch.broadcast_shapes(*(p.shape for p in parts))
+    full = (1,) * (4 - len(full)) + tuple(full)
+    full = (full[0], heads, full[2], full[3])
+    split = (heads // n_cols, n_cols)
+    cols = [p.expand(full).unflatten(1, split)[:, :, i] for i, p in enumerate(parts)]
+    return torch.stack(cols, dim=2).reshape(full)
 
 
 def _check_static(q, k, v, scales, ints, floats, bias) -> int:
