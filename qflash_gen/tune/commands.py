@@ -36,10 +36,104 @@ class Command:
 
 
 class Search(Command):
-    """Tune: measure candidates with ``measurer`` in every study of the run."""
+    """Tune: a slot in every study of the run, then each study's search, then the winners."""
 
     def run(self, args: argparse.Namespace, shapes: list, *, measurer: Any, dtype: str, grid: Any, **_: Any) -> int:
-        return _tune(args, measurer, dtype, shapes, grid)
+        from rich.markup import escape
+
+        out, err = consoles()
+        shapes = self.replayable(args, measurer, shapes, err)
+        storage, storage_desc = open_storage_arg(args)
+        record = self.measurer_record(args, measurer, dtype)
+        plans = make_plans(args, measurer.gpu, dtype, shapes, grid, enqueue_db=True)
+        label = f", device {args.device_label}" if args.device_label else ""
+        err.print(escape(f"qflash-tune: gpu {measurer.gpu}{label}, {len(plans)} studies, storage {storage_desc}"))
+        t_start = time.monotonic()
+        results: list = []
+        runs = self.open_studies(args, plans, storage, record)
+        try:
+            _search_all(args, measurer, plans, runs, results, err)
+        finally:
+            for run in runs:
+                run.close()
+        report, fronts, notes = None, [], []
+        if not args.no_db:
+            from qflash_gen.tune.winners import write_winners  # optuna: not needed by --exhaustive
+
+            records = {r.study_name: record for r, _ in results}
+            report, fronts, notes, results = write_winners(
+                args, measurer.gpu, dtype, results, records, storage, storage_desc, err
+            )
+        summary_table(args, measurer.gpu, measurer.provenance.get("source"), results, out)
+        report_db(out, report, fronts, notes)
+        out.print(f"wall time {time.monotonic() - t_start:.1f} s")
+        return 0 if all(r.best is not None for r, _ in results) else 1
+
+    @staticmethod
+    def replayable(args: argparse.Namespace, measurer: Any, shapes: list, err: Any) -> list:
+        """The shapes a replayed table holds (the others are skipped, with a note); all of them
+        for a live measurer."""
+        from rich.markup import escape
+
+        from qflash_gen.tune.measure.simulate import SimulatedMeasurer
+
+        if not isinstance(measurer, SimulatedMeasurer):
+            return shapes
+        missing = [s for s in shapes if not measurer.has_shape(s)]
+        for s in missing:
+            err.print(
+                f"[yellow]{escape(f'skipped {s.label()} {s.shape}: the table {args.simulate} has no rows for it')}[/]"
+            )
+        kept = [s for s in shapes if s not in missing]
+        if not kept:
+            have = ", ".join(f"{s.label()} {s.shape}" for s in measurer.shapes())
+            raise UsageError(
+                f"--simulate {args.simulate}: none of the requested shapes is in the table; it holds {have}"
+            )
+        return kept
+
+    @staticmethod
+    def measurer_record(args: argparse.Namespace, measurer: Any, dtype: str) -> dict[str, Any]:
+        """How this process measures: stored on each study, so ``qflash-tune --export`` can write
+        the DB entry on a machine that measured nothing."""
+        return {
+            "gpu": measurer.gpu,
+            "dtype": dtype,
+            "protocol": measurer.protocol,
+            "provenance": measurer.provenance,
+            "tuner": tuner_settings(args),
+        }
+
+    @staticmethod
+    def open_studies(args: argparse.Namespace, plans: list, storage: Any, record: dict[str, Any]) -> list:
+        """A slot in every study first: processes started together each spend their own budget in
+        every study, however far apart their progress drifts (``study.open_study``)."""
+        from qflash_gen.tune import study
+
+        environment = record["provenance"].get("environment") or {}
+        worker_info: dict[str, Any] = {"device_name": environment.get("device")}
+        if args.device_label:
+            worker_info["device"] = args.device_label
+        settings = study_settings(args)
+        runs: list = []
+        try:
+            for s, space, name, _ in plans:
+                runs.append(
+                    study.open_study(
+                        s,
+                        space,
+                        storage=storage,
+                        name=name,
+                        settings=settings,
+                        worker_info=worker_info,
+                        study_attrs={"measurer": record},
+                    )  # fmt: skip
+                )
+        except BaseException:
+            for run in runs:
+                run.close()
+            raise
+        return runs
 
 
 class Export(Command):
@@ -55,76 +149,6 @@ class Devices(Command):
 class Sweep(Command):
     def run(self, args: argparse.Namespace, shapes: list, *, measurer: Any, grid: Any, **_: Any) -> int:
         return _exhaustive(args, measurer, shapes, grid)
-
-
-def _tune(args: argparse.Namespace, measurer: Any, dtype: str, shapes: list, grid: Any) -> int:
-    from rich.markup import escape
-
-    from qflash_gen.tune import study
-    from qflash_gen.tune.measure.simulate import SimulatedMeasurer
-    from qflash_gen.tune.winners import write_winners  # optuna: not needed by --exhaustive
-
-    out, err = consoles()
-    if isinstance(measurer, SimulatedMeasurer):
-        missing = [s for s in shapes if not measurer.has_shape(s)]
-        for s in missing:
-            err.print(
-                f"[yellow]{escape(f'skipped {s.label()} {s.shape}: the table {args.simulate} has no rows for it')}[/]"
-            )
-        shapes = [s for s in shapes if s not in missing]
-        if not shapes:
-            have = ", ".join(f"{s.label()} {s.shape}" for s in measurer.shapes())
-            raise UsageError(
-                f"--simulate {args.simulate}: none of the requested shapes is in the table; it holds {have}"
-            )
-    storage, storage_desc = open_storage_arg(args)
-
-    gpu = measurer.gpu
-    provenance = measurer.provenance
-    environment = provenance.get("environment") or {}
-    # How this process measures: stored on each study, so `qflash-tune --export` can write the DB
-    # entry on a machine that measured nothing.
-    record = {
-        "gpu": gpu,
-        "dtype": dtype,
-        "protocol": measurer.protocol,
-        "provenance": provenance,
-        "tuner": tuner_settings(args),
-    }
-    worker_info: dict[str, Any] = {"device_name": environment.get("device")}
-    if args.device_label:
-        worker_info["device"] = args.device_label
-    plans = make_plans(args, gpu, dtype, shapes, grid, enqueue_db=True)
-    settings = study_settings(args)
-
-    label = f", device {args.device_label}" if args.device_label else ""
-    err.print(escape(f"qflash-tune: gpu {gpu}{label}, {len(plans)} studies, storage {storage_desc}"))
-    results = []
-    t_start = time.monotonic()
-    # A slot in every study first: processes started together each spend their own budget
-    # in every study, however far apart their progress drifts (study.open_study).
-    runs = []
-    try:
-        for s, space, name, _ in plans:
-            runs.append(
-                study.open_study(
-                    s, space, storage=storage, name=name, settings=settings, worker_info=worker_info,
-                    study_attrs={"measurer": record},
-                )  # fmt: skip
-            )
-        _search_all(args, measurer, plans, runs, results, err)
-    finally:
-        for run in runs:
-            run.close()
-
-    report, fronts, notes = None, [], []
-    if not args.no_db:
-        records = {r.study_name: record for r, _ in results}
-        report, fronts, notes, results = write_winners(args, gpu, dtype, results, records, storage, storage_desc, err)
-    summary_table(args, gpu, provenance.get("source"), results, out)
-    report_db(out, report, fronts, notes)
-    out.print(f"wall time {time.monotonic() - t_start:.1f} s")
-    return 0 if all(r.best is not None for r, _ in results) else 1
 
 
 def _search_all(args: argparse.Namespace, measurer: Any, plans: list, runs: list, results: list, err: Any) -> None:
@@ -230,6 +254,7 @@ def _export(args: argparse.Namespace, shapes: list) -> int:
 
 def _run_devices(args: argparse.Namespace, argv: list[str], shapes: list) -> int:
     from qflash_gen.tune import db_turn
+
     """``--devices``: one worker process per GPU on this host, all on the same studies."""
     from rich.markup import escape
     from rich.table import Table
@@ -324,4 +349,3 @@ def _exhaustive(args: argparse.Namespace, measurer: Any, shapes: list, grid: Any
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     return 0
-
