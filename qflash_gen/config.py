@@ -3,6 +3,16 @@
 A config describes *how* the kernel computes, never *what* it is applied to: shape facts (N, D,
 masked or not, output dtype) stay launch-time `tl.constexpr` values.  Whether a config is safe
 for a given workload (no integer overflow) is answered by :func:`check_workload`.
+
+Its fields come in two kinds (docs/design.md, "Kernel config"):
+
+* **render fields** (:data:`RENDER_FIELDS`) change the rendered source: tile sizes, the exp and
+  rescale variants, widths, and the warps and stages the file records for its launch;
+* **launch fields** (:data:`LAUNCH_FIELDS`: ``max_regs``, ``heads_per_program``) are options of
+  one launch of that source.  Configs that differ only there share one rendered module
+  (:attr:`KernelConfig.render_key`).
+
+:func:`parse_config` reads the ``field=value,...`` form every command line takes.
 """
 
 from __future__ import annotations
@@ -12,6 +22,9 @@ import functools
 import hashlib
 import json
 from typing import Any, Literal
+
+# Launch options: not part of the rendered source (see the module doc).
+LAUNCH_FIELDS: tuple[str, ...] = ("max_regs", "heads_per_program")
 
 ExpVariant = Literal["shift", "idiv", "poly2", "lut"]
 Rescale = Literal["shift", "idiv", "split"]
@@ -137,6 +150,20 @@ class KernelConfig:
         """Largest softmax numerator p: 127 (p_bits=7) or 16383 (p_bits=14)."""
         return (1 << self.p_bits) - 1
 
+    # -- render fields and launch fields -------------------------------------------------------
+    def render_part(self) -> KernelConfig:
+        """This config with its launch fields at their defaults: what the rendered source is a
+        function of (its ``to_dict`` lists the render fields only)."""
+        if self.max_regs == 0 and self.heads_per_program == 1:
+            return self
+        return self.replace(max_regs=0, heads_per_program=1)
+
+    @functools.cached_property
+    def render_key(self) -> str:
+        """Hash of the render fields (``render_part().hash``): the key of the rendered-module
+        cache, shared by configs that differ only in launch fields."""
+        return self.render_part().hash
+
     # -- plain-mapping round trip (what YAML and Optuna see) -------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -196,9 +223,18 @@ class KernelConfig:
         return g
 
 
+RENDER_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(KernelConfig) if f.name not in LAUNCH_FIELDS)
+
 # The untuned default: 14-bit P (7 bits lose up to 8 dB on the peaked attention of trained ViTs,
 # docs/fidelity.md) with the overflow-free exact rescale, so int32 holds N up to 1023.
 DEFAULT_CONFIG = KernelConfig(p_bits=14, rescale="split", rescale_bits=0)
+
+
+def default_config(n_ctx: int, head_dim: int) -> KernelConfig:
+    """The safe default for a shape: DEFAULT_CONFIG, widened to int64 where int32 could overflow."""
+    if fits(DEFAULT_CONFIG, n_ctx, head_dim):
+        return DEFAULT_CONFIG
+    return DEFAULT_CONFIG.replace(acc_bits=64)
 
 
 def single_pass(config: KernelConfig, n_ctx: int) -> bool:
@@ -255,3 +291,48 @@ def fits(config: KernelConfig, n_ctx: int, head_dim: int) -> bool:
     except ValueError:
         return False
     return True
+
+
+# -- "field=value,..." (qflash-show --config, qflash-tune --try, tools) --------------------------------
+def _field_types() -> dict[str, type]:
+    # this module uses `from __future__ import annotations`, so field types are strings
+    return {f.name: int if f.type in ("int", int) else str for f in dataclasses.fields(KernelConfig)}
+
+
+def parse_config(text: str, base: KernelConfig = DEFAULT_CONFIG) -> KernelConfig:
+    """``block_m=64,block_n=256,exp_variant=poly2`` -> KernelConfig (unnamed fields from ``base``).
+
+    Values of int fields are parsed as ints so the user types what the YAML stores.  Switching
+    ``rescale`` to ``idiv`` or ``split``, or ``exp_variant`` away from ``lut``, resets the field
+    that becomes meaningless (``rescale_bits`` / ``lut_bits``) unless it is given too; switching
+    to ``rescale=shift`` starts at ``rescale_bits=8`` (the paper's Q8 alpha) and to
+    ``exp_variant=lut`` at ``lut_bits=5`` (the starting point of docs/design.md, "Integer exp2").
+    Errors are ValueErrors naming the field and what it accepts."""
+    types = _field_types()
+    changes: dict[str, Any] = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        name, sep, value = item.partition("=")
+        name, value = name.strip(), value.strip()
+        if not sep or not name or not value:
+            raise ValueError(f"--config item {item!r} is not NAME=VALUE (fields: {', '.join(types)})")
+        if name not in types:
+            raise ValueError(f"unknown KernelConfig field {name!r}; known: {', '.join(types)}")
+        if types[name] is int:
+            try:
+                changes[name] = int(value, 0)
+            except ValueError:
+                raise ValueError(f"KernelConfig.{name}={value!r} is not supported: expected an int") from None
+        else:
+            changes[name] = value
+    if changes.get("rescale") in ("idiv", "split") and "rescale_bits" not in changes:
+        changes["rescale_bits"] = 0
+    if changes.get("rescale") == "shift" and "rescale_bits" not in changes and base.rescale_bits == 0:
+        changes["rescale_bits"] = 8
+    if "exp_variant" in changes and "lut_bits" not in changes:
+        if changes["exp_variant"] == "lut" and base.lut_bits == 0:
+            changes["lut_bits"] = 5
+        elif changes["exp_variant"] != "lut":
+            changes["lut_bits"] = 0
+    return KernelConfig.from_dict({**base.to_dict(), **changes})

@@ -60,51 +60,94 @@ import torch
 
 
 @dataclasses.dataclass(frozen=True)
+class Peaks:
+    """Datasheet peaks of one card (dense rates, no sparsity), for the roofline fractions."""
+
+    hbm_bytes_per_s: float
+    int8_ops_per_s: float
+    sms: int
+    int32_lanes_per_sm: int
+
+
+@dataclasses.dataclass(frozen=True)
 class GpuSpec:
-    """One known card: what its short name stands for and the compute capability it must report."""
+    """One known card: what its short name stands for, the compute capability it must report,
+    the per-block shared memory it allows (opt-in maximum, bytes: the search space skips configs
+    that cannot fit) and, where known, its datasheet peaks (the benchmark's roofline)."""
 
     name: str
     description: str
     cc: tuple[int, int]
+    smem_per_block: int | None = None
+    peaks: Peaks | None = None
 
 
-def _spec(name: str, description: str, cc: tuple[int, int]) -> tuple[str, GpuSpec]:
-    return name, GpuSpec(name, description, cc)
+_HOPPER_SMEM = 232448
+_AMPERE_DC_SMEM = 166912  # A100, A30
+_CONSUMER_SMEM = 101376  # sm_86 / sm_89 / sm_120 cards
 
 
+def _spec(
+    name: str, description: str, cc: tuple[int, int], smem: int | None = None, peaks: Peaks | None = None
+) -> tuple[str, GpuSpec]:
+    return name, GpuSpec(name, description, cc, smem, peaks)
+
+
+# The one table of per-GPU facts: naming (below), the tuner's shared-memory limit
+# (qflash_gen.tune.space) and the roofline's peaks (qflash_gen.roofline) all read it.
 KNOWN_GPUS: dict[str, GpuSpec] = dict(
     [
-        _spec("h100", "H100 SXM5 80 GB (NVIDIA H100 80GB HBM3)", (9, 0)),
-        _spec("h100_pcie", "H100 PCIe 80 GB", (9, 0)),
-        _spec("h100_nvl", "H100 NVL 94 GB", (9, 0)),
-        _spec("h200", "H200 SXM 141 GB", (9, 0)),
-        _spec("h200_nvl", "H200 NVL 141 GB", (9, 0)),
-        _spec("gh200", "GH200 Grace Hopper superchip", (9, 0)),
-        _spec("h800", "H800 SXM", (9, 0)),
-        _spec("h800_pcie", "H800 PCIe", (9, 0)),
-        _spec("h20", "H20", (9, 0)),
-        _spec("b200", "B200", (10, 0)),
-        _spec("gb200", "GB200 Grace Blackwell", (10, 0)),
-        _spec("a100", "A100 SXM4 80 GB", (8, 0)),
-        _spec("a100_40gb", "A100 SXM4 40 GB", (8, 0)),
-        _spec("a100_pcie", "A100 PCIe 80 GB", (8, 0)),
-        _spec("a100_pcie_40gb", "A100 PCIe 40 GB", (8, 0)),
-        _spec("a30", "A30", (8, 0)),
-        _spec("a10", "A10", (8, 6)),
-        _spec("a10g", "A10G (AWS)", (8, 6)),
-        _spec("a40", "A40", (8, 6)),
-        _spec("rtx_a6000", "RTX A6000", (8, 6)),
-        _spec("l4", "L4", (8, 9)),
-        _spec("l40", "L40", (8, 9)),
-        _spec("l40s", "L40S", (8, 9)),
-        _spec("rtx6000_ada", "RTX 6000 Ada Generation", (8, 9)),
-        _spec("rtx3090", "GeForce RTX 3090", (8, 6)),
-        _spec("rtx4090", "GeForce RTX 4090", (8, 9)),
-        _spec("rtx5090", "GeForce RTX 5090", (12, 0)),
-        _spec("t4", "T4", (7, 5)),
-        _spec("v100", "V100", (7, 0)),
+        _spec("h100", "H100 SXM5 80 GB (NVIDIA H100 80GB HBM3)", (9, 0), _HOPPER_SMEM, Peaks(3.35e12, 1979e12, 132, 64)),
+        _spec("h100_pcie", "H100 PCIe 80 GB", (9, 0), _HOPPER_SMEM),
+        _spec("h100_nvl", "H100 NVL 94 GB", (9, 0), _HOPPER_SMEM),
+        _spec("h200", "H200 SXM 141 GB", (9, 0), _HOPPER_SMEM, Peaks(4.8e12, 1979e12, 132, 64)),
+        _spec("h200_nvl", "H200 NVL 141 GB", (9, 0), _HOPPER_SMEM),
+        _spec("gh200", "GH200 Grace Hopper superchip", (9, 0), _HOPPER_SMEM),
+        _spec("h800", "H800 SXM", (9, 0), _HOPPER_SMEM),
+        _spec("h800_pcie", "H800 PCIe", (9, 0), _HOPPER_SMEM),
+        _spec("h20", "H20", (9, 0), _HOPPER_SMEM),
+        _spec("b200", "B200", (10, 0), _HOPPER_SMEM),
+        _spec("gb200", "GB200 Grace Blackwell", (10, 0), _HOPPER_SMEM),
+        _spec("a100", "A100 SXM4 80 GB", (8, 0), _AMPERE_DC_SMEM),
+        _spec("a100_40gb", "A100 SXM4 40 GB", (8, 0), _AMPERE_DC_SMEM),
+        _spec("a100_pcie", "A100 PCIe 80 GB", (8, 0), _AMPERE_DC_SMEM),
+        _spec("a100_pcie_40gb", "A100 PCIe 40 GB", (8, 0), _AMPERE_DC_SMEM),
+        _spec("a30", "A30", (8, 0), _AMPERE_DC_SMEM),
+        _spec("a10", "A10", (8, 6), _CONSUMER_SMEM),
+        _spec("a10g", "A10G (AWS)", (8, 6), _CONSUMER_SMEM),
+        _spec("a40", "A40", (8, 6), _CONSUMER_SMEM),
+        _spec("rtx_a6000", "RTX A6000", (8, 6), _CONSUMER_SMEM),
+        _spec("l4", "L4", (8, 9), _CONSUMER_SMEM),
+        _spec("l40", "L40", (8, 9), _CONSUMER_SMEM),
+        _spec("l40s", "L40S", (8, 9), _CONSUMER_SMEM),
+        _spec("rtx6000_ada", "RTX 6000 Ada Generation", (8, 9), _CONSUMER_SMEM),
+        _spec("rtx3090", "GeForce RTX 3090", (8, 6), _CONSUMER_SMEM),
+        _spec("rtx4090", "GeForce RTX 4090", (8, 9), _CONSUMER_SMEM),
+        _spec("rtx5090", "GeForce RTX 5090", (12, 0), _CONSUMER_SMEM),
+        _spec("t4", "T4", (7, 5), 65536),
+        _spec("v100", "V100", (7, 0), 98304),
     ]
 )
+
+
+def smem_limit(gpu: str) -> int | None:
+    """Per-block shared memory of a known GPU (bytes), None for any other name (no limit: the
+    compile decides)."""
+    spec = KNOWN_GPUS.get(gpu)
+    return None if spec is None else spec.smem_per_block
+
+
+def peaks(gpu: str) -> Peaks | None:
+    """Datasheet peaks of a known GPU, None where the table has none."""
+    spec = KNOWN_GPUS.get(gpu)
+    return None if spec is None else spec.peaks
+
+
+def arch_of(gpu: str | None) -> int | None:
+    """Compute capability a short name implies, as one number (``h100`` -> 90), or None."""
+    spec = KNOWN_GPUS.get(gpu) if gpu else None
+    return None if spec is None else spec.cc[0] * 10 + spec.cc[1]
+
 
 # GeForce RTX generation (first digit pair of the model number) -> compute capability.
 _RTX_SERIES_CC = {"20": (7, 5), "30": (8, 6), "40": (8, 9), "50": (12, 0)}

@@ -10,7 +10,7 @@ Lookup chain (``Kernel.why`` says which step answered):
    own file is stale or empty takes the H100's tuned configs).  Tuned configs compile and give
    the same bits on any GPU of the architecture; only their speed was measured elsewhere.
    MIG slices and unknown names have no siblings.
-4. ``"default"``: ``runtime.default_config(N, D)``, the verified safe default (also on machines
+4. ``"default"``: ``config.default_config(N, D)``, the verified safe default (also on machines
    without CUDA when no ``gpu=`` is named: ``Kernel.gpu == "cpu"``).
 
 It never tunes.  A fallback (2 to 4) is logged once per (GPU, key) on logger
@@ -37,9 +37,9 @@ from types import ModuleType
 
 import torch
 
-from qflash_gen import codegen, quant, runtime
-from qflash_gen import db as _db
-from qflash_gen.config import KernelConfig, fits
+from qflash_gen import checks, codegen, launch, quant
+from qflash_gen import db as tuning_db
+from qflash_gen.config import KernelConfig, default_config, fits
 from qflash_gen.gpu import KNOWN_GPUS, check_gpu_name, current_gpu
 from qflash_gen.keys import WorkloadKey, nearest_key, workload_key
 
@@ -59,8 +59,8 @@ def _multi_gpu() -> bool:
     return torch.cuda.device_count() > 1
 
 
-_OUT_DTYPES = frozenset(runtime.OUT_DTYPES)
-_FLOAT_IN = frozenset(runtime.FLOAT_DTYPES)
+_OUT_DTYPES = frozenset(checks.OUT_DTYPES)
+_FLOAT_IN = frozenset(checks.FLOAT_DTYPES)
 _PARAMS_CACHE_MAX = 16  # distinct float-scale triples remembered per kernel
 
 
@@ -85,7 +85,7 @@ class Kernel:
         key: WorkloadKey,
         gpu: str,
         why: str,
-        entry: _db.Entry | None = None,
+        entry: tuning_db.Entry | None = None,
         origin: Path | None = None,
     ) -> None:
         self.config = config
@@ -161,7 +161,7 @@ class Kernel:
             fast = False
         if not fast:
             self._explain_bad_input(q8, k8, v8)
-        if device.type != "cuda" and not runtime.interpreter_active():
+        if device.type != "cuda" and not checks.interpreter_active():
             raise ValueError(
                 f"q8 is on {device}: the kernel needs CUDA tensors, or TRITON_INTERPRET=1 to run on CPU "
                 f"through Triton's interpreter (this kernel was looked up for gpu={self.gpu!r})"
@@ -169,10 +169,10 @@ class Kernel:
         if out_dtype is None:
             out_dtype = in_dtype
         if out_dtype not in _OUT_DTYPES:
-            raise ValueError(f"out_dtype={out_dtype} is not supported; supported: {runtime.OUT_DTYPES}")
+            raise ValueError(f"out_dtype={out_dtype} is not supported; supported: {checks.OUT_DTYPES}")
         if out is not None:
             self._check_out(out, shape, out_dtype, device)
-        params = self._params_for(scales, scale, device)
+        params = self.params_for(scales, scale, device)
         bias = None
         if attn_mask is not None or float_bias is not None:
             bias = self._bias(attn_mask, float_bias, params, shape, device)
@@ -180,18 +180,21 @@ class Kernel:
         if in_dtype is not _INT8:
             if _multi_gpu() and device.type == "cuda" and device.index != torch.cuda.current_device():
                 with torch.cuda.device(device):
-                    return runtime.launch_static(module, self.config, q8, k8, v8, params, bias, out, out_dtype)
+                    return launch.launch_static(module, self.config, q8, k8, v8, params, bias, out, out_dtype)
             fast_ok = device.type == "cuda"
-            return runtime.launch_static(module, self.config, q8, k8, v8, params, bias, out, out_dtype, fast=fast_ok)
+            return launch.launch_static(module, self.config, q8, k8, v8, params, bias, out, out_dtype, fast=fast_ok)
         if device.type == "cuda":
             if _multi_gpu() and device.index != torch.cuda.current_device():
                 with torch.cuda.device(device):
-                    return runtime.launch_module(module, self.config, q8, k8, v8, params, bias, out, out_dtype)
+                    return launch.launch_module(module, self.config, q8, k8, v8, params, bias, out, out_dtype)
             if bias is None:
-                return runtime.launch_fast(module, self.config, q8, k8, v8, params, out, out_dtype)
-        return runtime.launch_module(module, self.config, q8, k8, v8, params, bias, out, out_dtype)
+                return launch.launch_fast(module, self.config, q8, k8, v8, params, out, out_dtype)
+        return launch.launch_module(module, self.config, q8, k8, v8, params, bias, out, out_dtype)
 
-    def _params_for(self, scales: tuple, scale: float | None, device: torch.device) -> quant.KernelParams:
+    def params_for(self, scales: tuple, scale: float | None, device: torch.device) -> quant.KernelParams:
+        """The kernel constants of ``scales`` (sq, sk, sv) and softmax ``scale`` on ``device``;
+        cached per triple when the scales are Python floats (device-tensor scales are computed on
+        the device each call)."""
         if type(scales) not in (tuple, list) or len(scales) != 3:
             raise ValueError(f"scales must be a tuple (sq, sk, sv) of floats or 0-d tensors, got {scales!r}")
         sq, sk, sv = scales
@@ -209,10 +212,7 @@ class Kernel:
         return quant.make_params(sq, sk, sv, head_dim=self._d, scale=scale, device=device)
 
     def _bias(self, attn_mask, float_bias, params, shape, device) -> torch.Tensor | None:
-        runtime._check_mask(attn_mask, "attn_mask", shape, device)
-        runtime._check_mask(float_bias, "float_bias", shape, device)
-        if float_bias is not None and float_bias.dtype == torch.bool:
-            raise ValueError("float_bias must be floating; pass a bool mask as attn_mask")
+        checks.check_float_bias(attn_mask, float_bias, shape, device)
         return quant.bias_to_int(attn_mask, params, float_bias=float_bias)
 
     def _check_out(self, out: torch.Tensor, shape: torch.Size, out_dtype: torch.dtype, device: torch.device) -> None:
@@ -222,7 +222,7 @@ class Kernel:
 
     def _explain_bad_input(self, q8, k8, v8) -> None:
         """Slow path: the same checks as attention_int8 (clear messages), then the key's N and D."""
-        runtime._check_qkv(q8, k8, v8, (torch.int8, *runtime.FLOAT_DTYPES), "a Kernel call")
+        checks.check_qkv(q8, k8, v8, (torch.int8, *checks.FLOAT_DTYPES), "a Kernel call")
         if not (q8.dtype == k8.dtype == v8.dtype):
             raise ValueError(f"q, k, v must share one dtype; got {q8.dtype}, {k8.dtype}, {v8.dtype}")
         n, d = q8.shape[2], q8.shape[3]
@@ -243,17 +243,20 @@ _BY_CALL_MAX = 4096
 _FRONT_MAX = 4096
 
 
-def clear_cache() -> None:
-    """Forget every Kernel built in this process (e.g. after another process wrote the DB)."""
+def clear_cache(*, log_again: bool = False) -> None:
+    """Forget every Kernel built in this process (e.g. after another process wrote the DB);
+    ``log_again``: also forget which fallbacks were logged, so each is logged once more."""
     with _lock:
         _kernels.clear()
         _by_call.clear()
         _by_args.clear()
+        if log_again:
+            _logged.clear()
 
 
 def _check_generation() -> None:
     global _cache_generation
-    gen = _db.generation()
+    gen = tuning_db.generation()
     if gen != _cache_generation:
         with _lock:
             _kernels.clear()
@@ -262,7 +265,7 @@ def _check_generation() -> None:
             _cache_generation = gen
 
 
-def siblings(gpu: str, database: _db.TuningDB) -> list[str]:
+def siblings(gpu: str, database: tuning_db.TuningDB) -> list[str]:
     """Other known GPUs of ``gpu``'s compute capability that have a DB file, in ``KNOWN_GPUS``
     order (none for a name outside it: MIG slices, unknown cards)."""
     spec = KNOWN_GPUS.get(gpu)
@@ -272,7 +275,7 @@ def siblings(gpu: str, database: _db.TuningDB) -> list[str]:
     return [g for g, s in KNOWN_GPUS.items() if g != gpu and s.cc == spec.cc and g in have]
 
 
-def _from_db(database: _db.TuningDB, source: str, gpu: str, key: WorkloadKey, why_prefix: str = "") -> Kernel | None:
+def _from_db(database: tuning_db.TuningDB, source: str, gpu: str, key: WorkloadKey, why_prefix: str = "") -> Kernel | None:
     """The exact or nearest-bucket entry for ``key`` in ``source``'s DB that fits N and D, as the
     Kernel run on ``gpu``; None when there is none."""
     located = database.located(source)
@@ -287,8 +290,8 @@ def _from_db(database: _db.TuningDB, source: str, gpu: str, key: WorkloadKey, wh
     return Kernel(entry.config, key, gpu, f"{why_prefix}nearest:{near.to_str()}", entry, origin)
 
 
-def _choose(database: _db.TuningDB, gpu: str, key: WorkloadKey) -> Kernel:
-    default = runtime.default_config(key.n, key.d)
+def _choose(database: tuning_db.TuningDB, gpu: str, key: WorkloadKey) -> Kernel:
+    default = default_config(key.n, key.d)
     if gpu == CPU:
         return Kernel(default, key, gpu, "default")
     kern = _from_db(database, gpu, gpu, key)
@@ -308,7 +311,7 @@ def _choose(database: _db.TuningDB, gpu: str, key: WorkloadKey) -> Kernel:
     return kern
 
 
-def _resolve_gpu(gpu: str | None, database: _db.TuningDB) -> str:
+def _resolve_gpu(gpu: str | None, database: tuning_db.TuningDB) -> str:
     if gpu is None:
         return current_gpu() if torch.cuda.is_available() else CPU
     if gpu == CPU or gpu in KNOWN_GPUS:
@@ -316,7 +319,7 @@ def _resolve_gpu(gpu: str | None, database: _db.TuningDB) -> str:
     return check_gpu_name(gpu, also=tuple(database.gpus()))
 
 
-def _kernel_for(database: _db.TuningDB, gpu: str, key: WorkloadKey) -> Kernel:
+def _kernel_for(database: tuning_db.TuningDB, gpu: str, key: WorkloadKey) -> Kernel:
     _check_generation()
     cache_key = (database.dirs, gpu, key)
     kern = _kernels.get(cache_key)
@@ -336,8 +339,8 @@ def _key_of(shape: Sequence[int], dtype, masked, out_dtype) -> WorkloadKey:
     if len(dims) != 4 or not all(isinstance(x, int) and not isinstance(x, bool) for x in dims):
         raise ValueError(f"shape={dims!r} must be four ints (B, H, N, D) like SDPA's q.shape")
     b, h, n, d = dims
-    if d not in runtime.SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"shape={dims!r}: head_dim D={d} is not supported; supported: {runtime.SUPPORTED_HEAD_DIMS}")
+    if d not in checks.SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"shape={dims!r}: head_dim D={d} is not supported; supported: {checks.SUPPORTED_HEAD_DIMS}")
     if n < 1:
         raise ValueError(f"shape={dims!r}: N={n} has no kernel (attention() returns an empty output for N=0)")
     if b * h == 0 and min(b, h) >= 0:
@@ -352,7 +355,7 @@ def get_kernel(
     masked: bool = False,
     out_dtype: torch.dtype | str | None = None,
     gpu: str | None = None,
-    db: _db.TuningDB | None = None,
+    db: tuning_db.TuningDB | None = None,
 ) -> Kernel:
     """The kernel the DB picks for a (B, H, N, D) workload on ``gpu`` (default: the GPU present).
 
@@ -366,15 +369,15 @@ def get_kernel(
     # Front cache on the raw arguments: a repeated get_kernel is one tuple and one dict lookup.
     args = None
     if not isinstance(shape, torch.Tensor) and isinstance(shape, Sequence):
-        where = (os.environ.get(_db.ENV_DB_DIR), _cuda_index()) if db is None else (db, gpu is None and _cuda_index())
+        where = (os.environ.get(tuning_db.ENV_DB_DIR), _cuda_index()) if db is None else (db, gpu is None and _cuda_index())
         args = (tuple(shape), dtype, masked, out_dtype, gpu, where)
-        if _cache_generation == _db.generation():
+        if _cache_generation == tuning_db.generation():
             kern = _by_args.get(args)
             if kern is not None:
                 return kern
     key = _key_of(shape, dtype, masked, out_dtype)
-    database = _db.TuningDB.default() if db is None else db
-    if not isinstance(database, _db.TuningDB):
+    database = tuning_db.TuningDB.default() if db is None else db
+    if not isinstance(database, tuning_db.TuningDB):
         raise ValueError(f"db must be a qflash_gen.db.TuningDB or None, got {type(database).__name__}")
     kern = _kernel_for(database, _resolve_gpu(gpu, database), key)
     if args is not None:
@@ -401,12 +404,12 @@ def config_for_call(
     a repeated call costs one dict lookup."""
     b, h, n, d = q.shape
     call = (q.device, b * h, n, d, masked, in_dtype, out_dtype)
-    if _cache_generation == _db.generation():
+    if _cache_generation == tuning_db.generation():
         config = _by_call.get(call)
         if config is not None:
             return config
     key = workload_key((b, h, n, d), masked=masked, in_dtype=in_dtype, out_dtype=out_dtype)
-    kern = _kernel_for(_db.TuningDB.default(), current_gpu(q.device), key)
+    kern = _kernel_for(tuning_db.TuningDB.default(), current_gpu(q.device), key)
     with _lock:
         if len(_by_call) >= _BY_CALL_MAX:
             _by_call.clear()

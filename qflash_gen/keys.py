@@ -22,7 +22,8 @@ BH_BUCKET_MAX = 1 << 16
 least one program each is hundreds of waves on 132 SMs), so more buckets would add DB entries
 without changing the best config."""
 
-# Workload dtypes: short names used in the key string.
+# The one dtype table: workload dtypes by the short names used in keys, the CLIs and the tables
+# (a workload's kernel output has its dtype: fp16 in -> fp16 out, int8 in -> int8 out).
 _DTYPE_NAMES: dict[torch.dtype, str] = {
     torch.int8: "int8",
     torch.float16: "fp16",
@@ -41,7 +42,12 @@ _NAME_ALIASES: dict[str, str] = {
     "float": "fp32",
 }
 DTYPE_NAMES: tuple[str, ...] = ("int8", "fp16", "bf16", "fp32")
+FLOAT_DTYPE_NAMES: tuple[str, ...] = ("fp16", "bf16", "fp32")
 _DTYPES: dict[str, torch.dtype] = {v: k for k, v in _DTYPE_NAMES.items()}
+DTYPES: tuple[torch.dtype, ...] = tuple(_DTYPES[n] for n in DTYPE_NAMES)
+"""Every dtype a workload (and the kernel's output) may have, int8 first."""
+FLOAT_DTYPES: tuple[torch.dtype, ...] = tuple(_DTYPES[n] for n in FLOAT_DTYPE_NAMES)
+"""The float dtypes ``attention`` takes (and the float outputs of the kernel)."""
 
 _KEY_RE = re.compile(
     r"^n(?P<n>[1-9]\d*)_d(?P<d>[1-9]\d*)_(?P<mask>mask|nomask)_bh(?P<bh>[1-9]\d*)"

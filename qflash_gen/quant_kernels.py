@@ -11,7 +11,7 @@ and ``quant.make_params`` compute (the reference path keeps using those; tests c
    1/SK, 1/SV.
 
 (Static, calibrated scales need neither step: the attention kernel quantizes float inputs as
-it loads them; see ``runtime.launch_static``.)
+it loads them; see ``launch.launch_static``.)
 
 v8 comes back key-major (``quant.key_major``'s layout), which the attention kernel loads without
 a byte transpose; q8 and k8 are contiguous.  Each float op is the IEEE one torch performs

@@ -205,6 +205,11 @@ def float_attention(
     return torch.where(all_masked, torch.zeros_like(q[..., :1]), probs @ v)
 
 
+SQNR_FLOOR_DB = 30.0
+"""The accuracy floor (dB vs float64 attention): the tuner's default constraint (``--sqnr-floor``),
+the line drawn on ``qflash-db report`` and the threshold the tests hold the kernel to."""
+
+
 def sqnr_db(out: torch.Tensor, ref: torch.Tensor) -> float:
     """10 log10(|ref|^2 / |out - ref|^2) in dB (inf when equal)."""
     ref = ref.to(torch.float64)

@@ -33,22 +33,11 @@ import re
 import subprocess
 
 from qflash_gen.config import KernelConfig
+from qflash_gen.gpu import peaks
+
+# The per-GPU peaks (Peaks, peaks()) live in the one table of GPU facts, qflash_gen.gpu.KNOWN_GPUS.
 
 
-@dataclasses.dataclass(frozen=True)
-class Peaks:
-    """Datasheet peaks of one card (dense rates, no sparsity)."""
-
-    hbm_bytes_per_s: float
-    int8_ops_per_s: float
-    sms: int
-    int32_lanes_per_sm: int
-
-
-PEAKS: dict[str, Peaks] = {
-    "h100": Peaks(3.35e12, 1979e12, 132, 64),  # H100 SXM5
-    "h200": Peaks(4.8e12, 1979e12, 132, 64),
-}
 DEFAULT_CLOCK_MHZ = 1980.0  # H100/H200 SXM max SM clock
 
 
@@ -231,11 +220,11 @@ def fractions(
         threads = 32 * config.num_warps * c.programs
         alu_ops = busiest_int_pipe(sass) * threads
         per_score = int_instructions(sass) * threads / c.scores if c.scores else None
-    peaks = PEAKS.get(gpu)
-    if peaks is None or not us > 0 or not math.isfinite(us):
+    pk = peaks(gpu)
+    if pk is None or not us > 0 or not math.isfinite(us):
         return Fractions(None, None, None, per_score)
     s = us * 1e-6
     alu = None
     if alu_ops is not None:
-        alu = alu_ops / (s * peaks.sms * peaks.int32_lanes_per_sm * clock_mhz * 1e6)
-    return Fractions(c.bytes / s / peaks.hbm_bytes_per_s, c.mma_ops / s / peaks.int8_ops_per_s, alu, per_score)
+        alu = alu_ops / (s * pk.sms * pk.int32_lanes_per_sm * clock_mhz * 1e6)
+    return Fractions(c.bytes / s / pk.hbm_bytes_per_s, c.mma_ops / s / pk.int8_ops_per_s, alu, per_score)

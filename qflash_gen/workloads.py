@@ -1,4 +1,5 @@
-"""Named workloads: what attention shapes a vision transformer launches, per image (DESIGN §7).
+"""Named workloads: what attention shapes a vision transformer launches, per image
+(docs/design.md, "Workloads").
 
 The tuner, the benchmarks and ``qflash-show`` speak in model names (``vit_b``, ``swin_t``, the
 paper's ``A1``…``A7``); the kernel speaks in ``(B, H, N, D)``.  This module is the one table that

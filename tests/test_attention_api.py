@@ -1,4 +1,4 @@
-"""Public API: float attention vs fp64 (SQNR), reference backend identity, DESIGN §9 bad input."""
+"""Public API: float attention vs fp64 (SQNR), reference backend identity, the bad-input rules of docs/design.md."""
 
 from __future__ import annotations
 
@@ -149,8 +149,8 @@ def test_cpu_tensors_without_interpreter_get_a_clear_error(monkeypatch):
 
 
 def test_default_config_widens_where_int32_would_overflow():
-    assert qflash_gen.runtime.default_config(197, 64) == DEFAULT_CONFIG
-    wide = qflash_gen.runtime.default_config(1021, 64)  # 14-bit P: int32 holds N <= 1020
+    assert qflash_gen.config.default_config(197, 64) == DEFAULT_CONFIG
+    wide = qflash_gen.config.default_config(1021, 64)  # 14-bit P: int32 holds N <= 1020
     assert wide.acc_bits == 64 and wide.replace(acc_bits=32) == DEFAULT_CONFIG
     assert math.isfinite(sqnr_db(torch.ones(3), torch.ones(3) * 1.01))
 

@@ -177,13 +177,13 @@ def test_asm_ptx_for_sm90_on_cpu(capsys, triton_cache):
 
 @pytest.mark.parametrize("masked", [False, True])
 def test_asm_compiles_the_arguments_the_runtime_launches(masked):
-    """--asm restates runtime.launch_module's arguments; this pins the two together."""
+    """--asm and launch.launch_module build their arguments alike (codegen.signature); this pins it."""
     import types
 
     import torch
 
-    from qflash_gen import quant, runtime
-    from qflash_gen.cli import kernel_arguments
+    from qflash_gen import launch, quant
+    from qflash_gen.codegen.asm import kernel_arguments
 
     class Recorder:
         def __getitem__(self, grid):
@@ -199,7 +199,7 @@ def test_asm_compiles_the_arguments_the_runtime_launches(masked):
     params = quant.make_params(0.05, 0.05, 0.05, head_dim=64)
     bias = torch.zeros((1, 12, 197, 197), dtype=torch.int32) if masked else None
     module = types.SimpleNamespace(_qflash_fwd=rec)
-    runtime.launch_module(module, cfg, q8, q8, q8, params, bias, None, torch.float16)
+    launch.launch_module(module, cfg, q8, q8, q8, params, bias, None, torch.float16)
     args, kwargs = kernel_arguments(cfg, shape, masked=masked, out_dtype="fp16")
     assert kwargs == rec.kwargs
     assert len(args) == len(rec.args)

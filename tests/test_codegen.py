@@ -97,7 +97,7 @@ def test_templates_ship_in_a_non_editable_install(tmp_path):
         import qflash_gen, qflash_gen.codegen as c
         assert qflash_gen.__file__.startswith(TARGET), qflash_gen.__file__
         src = c.render(qflash_gen.KernelConfig())
-        print(str(c._template_dir()))
+        print(str(c.template_dir()))
         """
     ).replace("TARGET", repr(str(target)))
     env = {**os.environ, "PYTHONPATH": str(target)}

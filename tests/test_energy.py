@@ -21,7 +21,7 @@ import yaml
 from qflash_gen import energy
 from qflash_gen.config import KernelConfig
 from qflash_gen.energy import EnergyError, EnergyMeter, EnergyUnavailable
-from qflash_gen.tune import cli, study
+from qflash_gen.tune import cli, devices, objective
 from qflash_gen.tune.measure import Measurement, Protocol, ShapeSpec
 from qflash_gen.tune.space import Grid, SearchSpace
 from qflash_gen.tune.table import ENERGY_COLUMNS, TableWriter, read_table
@@ -242,7 +242,7 @@ def test_gpu_without_the_energy_counter(monkeypatch):
         nvmlDeviceGetName=lambda h: b"Tesla P100-PCIE-16GB",
         nvmlDeviceGetTotalEnergyConsumption=unsupported,
     )
-    monkeypatch.setattr(energy, "_torch_identity", lambda device: (None, None, ""))
+    monkeypatch.setattr(energy.counter, "torch_identity", lambda device: (None, None, ""))
     with pytest.raises(EnergyUnavailable, match=r"on Tesla P100-PCIE-16GB: nvmlDeviceGetTotalEnergyConsumption failed"):
         energy.open_counter(nvml=fake)
     assert calls == ["init", "shutdown"]
@@ -258,7 +258,7 @@ def test_nvml_counter_reads_the_device_found_by_uuid(monkeypatch):
         nvmlDeviceGetTotalEnergyConsumption=lambda h: next(readings),
         nvmlSystemGetDriverVersion=lambda: "580.159.04",
     )
-    monkeypatch.setattr(energy, "_torch_identity", lambda device: ("GPU-1234", None, "NVIDIA H100 80GB HBM3"))
+    monkeypatch.setattr(energy.counter, "torch_identity", lambda device: ("GPU-1234", None, "NVIDIA H100 80GB HBM3"))
     counter = energy.open_counter(nvml=fake)
     assert counter.read_mj() == 1000 and counter.read_mj() == 1234
     assert "H100" in counter.description and "uuid GPU-1234" in counter.description
@@ -267,14 +267,14 @@ def test_nvml_counter_reads_the_device_found_by_uuid(monkeypatch):
 def test_worker_fails_the_candidate_when_energy_cannot_be_measured(monkeypatch):
     """The GPU worker's energy step on a machine without the counter: the trial fails with the
     reason; latency and SQNR stay for the record, no energy value is made up."""
-    from qflash_gen.tune import gpu_worker
+    from qflash_gen.tune.measure import gpu_jobs
 
     monkeypatch.setitem(sys.modules, "pynvml", None)
-    monkeypatch.setattr(gpu_worker, "_energy_meters", {})
+    gpu_jobs.forget_energy_meters()
     shape = ShapeSpec.of("swin_t_s4", 1)
     ok = Measurement(latency_us=12.0, spread_us=0.1, sqnr_db=35.0, correct=True)
     bad = Measurement.failed("mismatch")
-    got = gpu_worker.add_energy(KernelConfig(), [shape, shape], Protocol(energy=True), [ok, bad])
+    got = gpu_jobs.add_energy(KernelConfig(), [shape, shape], Protocol(energy=True), [ok, bad])
     assert got[1] == bad
     assert not got[0].ok and got[0].energy_uj is None and got[0].latency_us == 12.0
     assert got[0].error.startswith("energy: " + energy.UNAVAILABLE)
@@ -283,9 +283,8 @@ def test_worker_fails_the_candidate_when_energy_cannot_be_measured(monkeypatch):
 def test_cli_energy_objective_without_nvml_is_a_usage_error(monkeypatch, capsys):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the probe may find a real counter (checked on CPU machines)")
-    from qflash_gen.tune import _dbio
 
-    monkeypatch.setattr(_dbio, "present_gpu", lambda: ("h100", "h100 (pretend, for this test)"))
+    monkeypatch.setattr(devices, "present_gpu", lambda: ("h100", "h100 (pretend, for this test)"))
     code = cli.main(["--gpu", "h100", "--workloads", "vit_b", "--batches", "64", "--objective", "energy", "--no-db"])
     err = capsys.readouterr().err
     assert code == 2
@@ -295,17 +294,17 @@ def test_cli_energy_objective_without_nvml_is_a_usage_error(monkeypatch, capsys)
 
 # -- the objective in the study --------------------------------------------------------------------
 def test_objective_names():
-    assert study.objective_for("latency") == "latency"
-    assert study.objective_for("energy") == "energy"
-    assert study.objective_for("pareto") == "pareto"
-    assert study.objective_for("pareto", "latency,sqnr") == "pareto"
-    assert study.objective_for("pareto", "sqnr,energy,latency") == "pareto-energy"
-    assert study.needs_energy("energy") and study.needs_energy("pareto-energy")
-    assert not study.needs_energy("pareto") and not study.needs_energy("latency")
+    assert objective.objective_for("latency") == "latency"
+    assert objective.objective_for("energy") == "energy"
+    assert objective.objective_for("pareto") == "pareto"
+    assert objective.objective_for("pareto", "latency,sqnr") == "pareto"
+    assert objective.objective_for("pareto", "sqnr,energy,latency") == "pareto-energy"
+    assert objective.needs_energy("energy") and objective.needs_energy("pareto-energy")
+    assert not objective.needs_energy("pareto") and not objective.needs_energy("latency")
     with pytest.raises(ValueError, match="not supported"):
-        study.objective_for("pareto", "energy,sqnr")
+        objective.objective_for("pareto", "energy,sqnr")
     with pytest.raises(ValueError, match="needs --objective pareto"):
-        study.objective_for("energy", "latency,energy,sqnr")
+        objective.objective_for("energy", "latency,energy,sqnr")
 
 
 # -- simulation with a SYNTHETIC energy table ------------------------------------------------------

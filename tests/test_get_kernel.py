@@ -7,14 +7,14 @@ import logging
 import pytest
 import torch
 
-from qflash_gen import codegen, db, kernel, quant, reference, runtime
-from qflash_gen.config import DEFAULT_CONFIG, KernelConfig, fits
+from qflash_gen import api, checks, codegen, db, kernel, launch, quant, reference
+from qflash_gen.config import DEFAULT_CONFIG, KernelConfig, default_config, fits
 from qflash_gen.keys import BH_BUCKET_MAX, WorkloadKey, bh_bucket, key_distance, nearest_key, workload_key
 
 # Kernel launches: compiled on a GPU, Triton's interpreter on CPU (tests/conftest.py sets
 # TRITON_INTERPRET=1 when there is no GPU; the `device` fixture says where kernels run).
 requires_launch = pytest.mark.skipif(
-    not (torch.cuda.is_available() or runtime.interpreter_active()),
+    not (torch.cuda.is_available() or checks.interpreter_active()),
     reason="launching the kernel needs CUDA or TRITON_INTERPRET=1 in the environment",
 )
 
@@ -114,9 +114,9 @@ def test_nearest_lookup_stays_within_n_d_mask_and_dtypes(tdb):
 def test_default_lookup(tdb, monkeypatch):
     kern = kernel.get_kernel((1, 12, 197, 64), gpu="h100", db=tdb)
     assert kern.why == "default" and kern.entry is None
-    assert kern.config == runtime.default_config(197, 64)
+    assert kern.config == default_config(197, 64)
     big = kernel.get_kernel((1, 12, 1100, 64), gpu="h200", db=tdb)
-    assert big.config == runtime.default_config(1100, 64) and big.config.acc_bits == 64
+    assert big.config == default_config(1100, 64) and big.config.acc_bits == 64
 
 
 def test_a_gpu_without_entries_takes_a_sibling_of_its_architecture(tdb):
@@ -154,7 +154,7 @@ def test_a_stale_own_file_falls_back_to_the_sibling(tdb, tmp_path):
 
 
 def test_fallback_logged_once_per_key(tdb, caplog):
-    kernel._logged.clear()
+    kernel.clear_cache(log_again=True)
     with caplog.at_level(logging.INFO, logger="qflash_gen.kernel"):
         for _ in range(3):
             kernel.get_kernel((1, 12, 197, 64), gpu="h100", db=tdb)
@@ -216,8 +216,8 @@ def test_corrupt_db_is_an_error_naming_the_file(tdb):
 
 def test_runtime_on_cpu_keeps_the_default():
     q = torch.zeros(1, 2, 49, 32, dtype=torch.int8)
-    assert runtime._resolve_config(None, 49, 32, q=q) == runtime.default_config(49, 32)
-    assert runtime._resolve_config(None, 577, 64) == runtime.default_config(577, 64)
+    assert api.resolve_config(None, 49, 32, q=q) == default_config(49, 32)
+    assert api.resolve_config(None, 577, 64) == default_config(577, 64)
 
 
 # -- the call -----------------------------------------------------------------------------------
@@ -302,9 +302,9 @@ def test_attention_uses_the_db_on_cuda_and_graph_replay_matches(tmp_path, monkey
     db.TuningDB.default().write(current_gpu(), [make_entry(workload_key(shape), TUNED.replace(block_n=64))])
     q = torch.randn(shape, device="cuda", dtype=torch.float16)
     # attention() looks up the fp16-in, fp16-out key
-    assert runtime._resolve_config(None, 197, 64, q=q, out_dtype=torch.float16) == TUNED.replace(block_n=64)
-    out = runtime.attention(q, q, q)
-    assert torch.equal(out, runtime.attention(q, q, q, backend="reference"))
+    assert api.resolve_config(None, 197, 64, q=q, out_dtype=torch.float16) == TUNED.replace(block_n=64)
+    out = api.attention(q, q, q)
+    assert torch.equal(out, api.attention(q, q, q, backend="reference"))
 
     kern = kernel.get_kernel(shape, dtype=torch.int8)
     q8 = torch.randint(-127, 128, shape, dtype=torch.int8, device="cuda")
@@ -324,7 +324,7 @@ def test_attention_uses_the_db_on_cuda_and_graph_replay_matches(tmp_path, monkey
 @pytest.mark.cuda_only
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_direct_launch_equals_the_normal_launch():
-    """Kernel's CUDA hot path (runtime.launch_fast: cached CompiledKernel) == runtime.launch_module."""
+    """Kernel's CUDA hot path (launch.launch_fast: cached CompiledKernel) == launch.launch_module."""
     for shape, out_dtype in [
         ((2, 3, 197, 64), torch.float16),
         ((1, 1, 49, 32), torch.int8),
@@ -338,8 +338,8 @@ def test_direct_launch_equals_the_normal_launch():
             )
             scales = (0.02 + 0.01 * seed, 0.03, 0.05)
             got = kern(q8, k8, v8, scales, out_dtype=out_dtype)
-            params = kern._params_for(scales, None, q8.device)
-            want = runtime.launch_module(kern.module, kern.config, q8, k8, v8, params, None, None, out_dtype)
+            params = kern.params_for(scales, None, q8.device)
+            want = launch.launch_module(kern.module, kern.config, q8, k8, v8, params, None, None, out_dtype)
             assert torch.equal(got.view(torch.int8), want.view(torch.int8)), (shape, seed)
             ref = reference.reference_int8(q8, k8, v8, params, kern.config, out_dtype=out_dtype)
             assert torch.equal(got.view(torch.int8), ref.view(torch.int8)), (shape, seed)

@@ -74,11 +74,11 @@ def test_shift_quotient_at_the_smallest_r(device, sqk):
 
 
 def test_seeds_are_followed_by_their_capped_and_head_grouped_variants():
-    from qflash_gen.tune.cli import _seed_variants
+    from qflash_gen.tune.plan import seed_variants
 
     space = SearchSpace(GRIDS["tune"], 197, 64)
     seed = DEFAULT_CONFIG.replace(block_n=256, rescale="shift", rescale_bits=15, num_stages=1)
-    got = _seed_variants(space, [seed, seed])
+    got = seed_variants(space, [seed, seed])
     assert got[0] == seed and len(got) == len(set(got))  # a repeated seed is not measured twice
     assert seed.replace(max_regs=168) in got
     piped = seed.replace(max_regs=168, heads_per_program=2, num_stages=2)

@@ -42,10 +42,10 @@ def test_tune_grid_searches_register_caps():
 def test_cli_grid_takes_and_checks_max_regs():
     import argparse
 
-    from qflash_gen.tune import cli
+    from qflash_gen.tune import setup
 
     args = argparse.Namespace(simulate=None, exhaustive=False, grid=None, p_bits=None, max_regs="0,168")
-    assert cli._grid(args, None).max_regs == (0, 168)
+    assert setup.grid_for(args, None).max_regs == (0, 168)
     args.max_regs = "0,99"
-    with pytest.raises(cli.UsageError, match="--max-regs '0,99'.*max_regs"):
-        cli._grid(args, None)
+    with pytest.raises(setup.UsageError, match="--max-regs '0,99'.*max_regs"):
+        setup.grid_for(args, None)

@@ -27,7 +27,7 @@ from timm.layers import Attention
 from timm.models.swin_transformer import WindowAttention
 from torch import nn
 
-from qflash_gen import DEFAULT_CONFIG, attention_int8, models, ops, quant
+from qflash_gen import DEFAULT_CONFIG, KernelConfig, attention_int8, models, ops, quant
 from qflash_gen.reference import sqnr_db
 
 pytestmark = pytest.mark.gpu
@@ -124,7 +124,7 @@ def test_swin_tiny_end_to_end_with_shifted_masks(swin_tiny, device):
     for b in blocks:
         attn = b.attn
         nw = 0 if b.attn_mask is None else b.attn_mask.shape[0]
-        assert attn.scale_mode == "static" and attn._bias_windows == nw
+        assert attn.scale_mode == "static" and attn.bias_windows == nw
         n = attn.window_area
         assert attn.qflash_bias.shape == (1, max(nw, 1) * attn.num_heads, n, n)
         assert attn.qflash_bias.dtype == torch.int32
@@ -186,7 +186,7 @@ def test_window_static_bias_equals_dynamic_bits(device):
         # sees the mask; scales replaced next (no transforms: q, k, v stay the dynamic path's)
         models.calibrate(patched, [(x, mask)], smooth_k=False, equalize=False)
         patched.set_static_scales(scales)
-        assert patched._bias_windows == mask.shape[0]
+        assert patched.bias_windows == mask.shape[0]
         static = patched(x, mask=mask)
     assert_bit_equal(static, dyn)
 
@@ -243,7 +243,7 @@ def test_vit_static_scales_equal_dynamic_bits_and_per_head(device):
         patched.set_static_scales(per_head)
         assert patched.per_head
         got = torch.ops.qflash_gen.attention_static(
-            q, k, v, patched.qflash_scales, patched.qflash_ints, patched.qflash_floats, None, patched._config_arg
+            q, k, v, patched.qflash_scales, patched.qflash_ints, patched.qflash_floats, None, patched.config_arg
         )
         for j in range(3):
             s = tuple(per_head[:, j])
@@ -254,7 +254,7 @@ def test_vit_static_scales_equal_dynamic_bits_and_per_head(device):
 
 
 # -- exact transforms: k smoothing and channel equalization ----------------------------------------
-def _float_core(module: models._QFlashBase) -> None:
+def _float_core(module: models.QFlashModule) -> None:
     """Replace the module's kernel call by float attention on the q, k, v the kernel would see."""
 
     def core(q, k, v, attn_mask=None, float_bias=None, static_bias=None):
@@ -262,7 +262,7 @@ def _float_core(module: models._QFlashBase) -> None:
         bias = attn_mask if float_bias is None else (float_bias if attn_mask is None else float_bias + attn_mask)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=module.scale)
 
-    module._core = core
+    module.core = core
 
 
 def _transform_vit(kind: str) -> tuple[nn.Module, torch.Tensor]:
@@ -302,12 +302,12 @@ def test_vit_transforms_are_exact_with_float_attention(kind):
     assert not torch.allclose(patched.qflash_v_eq, torch.ones(2, 64))
     folded = kind != "norms"
     assert ("(folded)" in repr(patched)) == folded and "smooth-k+equalize" in repr(patched)
-    assert ("qflash_proj_weight" in patched._buffers) == folded  # scale_norm: v's scale undone per call
+    assert ("qflash_proj_weight" in dict(patched.named_buffers(recurse=False))) == folded  # scale_norm: v's scale undone per call
     _float_core(patched)
     with torch.no_grad():
         got = patched(x)
         # the folded q, k, v directly: softmax(q'k'^T) v' * t == softmax(q k^T) v
-        qk, kk, vk = patched._kernel_qkv(x)
+        qk, kk, vk = patched.kernel_qkv(x)
         o = patched.from_kernel(F.scaled_dot_product_attention(qk, kk, vk, scale=patched.scale))
         o_ref = F.scaled_dot_product_attention(q, k, v, scale=patched.scale)
         # the same transforms applied to the original q, k, v (what attend() and tools/fidelity.py use)
@@ -371,10 +371,10 @@ def test_calibrate_transform_switches_and_recalibration():
     models.patch_model(model, backend="reference", calibrate=[x], smooth_k=False, equalize=False)
     attn = model[0]
     assert not attn.smooth_k and not attn.equalized and "transforms" not in repr(attn)
-    assert not any(name.startswith("qflash_q") or name.startswith("qflash_p") for name in attn._buffers)
+    assert not any(name.startswith("qflash_q") or name.startswith("qflash_p") for name in dict(attn.named_buffers(recurse=False)))
     models.calibrate(model, [x], smooth_k=True, equalize=False)
     assert attn.smooth_k and not attn.equalized and "transforms=smooth-k (folded)" in repr(attn)
-    assert "qflash_qkv_bias" in attn._buffers and "qflash_qkv_weight" not in attn._buffers  # bias only
+    assert "qflash_qkv_bias" in dict(attn.named_buffers(recurse=False)) and "qflash_qkv_weight" not in dict(attn.named_buffers(recurse=False))  # bias only
     models.calibrate(model, [x])  # the defaults
     assert attn.smooth_k == models.SMOOTH_K_DEFAULT and attn.equalized == models.EQUALIZE_DEFAULT
     with pytest.raises(ValueError, match="qflash_qk_eq must be"):
@@ -383,7 +383,7 @@ def test_calibrate_transform_switches_and_recalibration():
         attn.set_transforms(kmean=torch.zeros(3, 32))
     attn.set_transforms()  # all cleared: the plain path (static scales stay)
     assert not attn.smooth_k and not attn.equalized and attn.scale_mode == "static"
-    assert not any(name in attn._buffers for name in ("qflash_qkv_weight", "qflash_qkv_bias", "qflash_proj_weight"))
+    assert not any(name in dict(attn.named_buffers(recurse=False)) for name in ("qflash_qkv_weight", "qflash_qkv_bias", "qflash_proj_weight"))
 
 
 # -- what is left alone --------------------------------------------------------------------------
@@ -500,7 +500,7 @@ def test_custom_ops_pass_opcheck(device):
     op = torch.ops.qflash_gen.attention.default
     torch.library.opcheck(op, (q, k, v))
     torch.library.opcheck(op, (q, k, v, mask, bias, 0.2))
-    torch.library.opcheck(op, (q.half(), k.half(), v.half()), {"config": ops.config_arg(models.KernelConfig())})
+    torch.library.opcheck(op, (q.half(), k.half(), v.half()), {"config": ops.config_arg(KernelConfig())})
     static = torch.ops.qflash_gen.attention_static.default
     for cols in (1, 4):
         scales = torch.rand(3, cols, generator=g).to(device) * 0.05 + 0.01

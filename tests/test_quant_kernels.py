@@ -8,7 +8,7 @@ import torch
 from helpers import assert_bit_equal, kernel_device
 
 from qflash_gen import quant, quant_kernels
-from qflash_gen.runtime import attention
+from qflash_gen.api import attention
 
 pytestmark = pytest.mark.gpu
 

@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qflash_gen import codegen, kernel, ops, quant, reference, runtime
+from qflash_gen import checks, codegen, kernel, launch, ops, quant, reference
 from qflash_gen.config import DEFAULT_CONFIG, KernelConfig
 from qflash_gen.keys import workload_key
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(
-        not (torch.cuda.is_available() or runtime.interpreter_active()),
+        not (torch.cuda.is_available() or checks.interpreter_active()),
         reason="launching the kernel needs CUDA or TRITON_INTERPRET=1 in the environment",
     ),
 ]
@@ -121,24 +121,24 @@ def test_key_major_v_equals_the_oracle(device, cfg, n):
 
     q8, k8, v8 = int8_problem(2, 2, n, 64, seed=n, device=device)
     vk = quant.key_major(v8)
-    assert torch.equal(vk, v8) and vk.stride(2) == 1 and runtime.v_keys(vk) == quant.padded_keys(n)
+    assert torch.equal(vk, v8) and vk.stride(2) == 1 and launch.v_keys(vk) == quant.padded_keys(n)
     params = quant.make_params(0.02, 0.03, 0.05, head_dim=64, device=device)
     want = reference.reference_int8(q8, k8, v8, params, cfg, out_dtype=torch.float16)
-    got = runtime.launch(cfg, q8, k8, vk, params, out_dtype=torch.float16)
+    got = launch.launch(cfg, q8, k8, vk, params, out_dtype=torch.float16)
     _equal(got, want)
 
 
 def test_v_keys_reads_padding_only_where_the_storage_has_it():
     v = torch.zeros(2, 3, 49, 32, dtype=torch.int8)
-    assert runtime.v_keys(v) == 49  # D innermost
-    assert runtime.v_keys(quant.key_major(v)) == 64
+    assert launch.v_keys(v) == 49  # D innermost
+    assert launch.v_keys(quant.key_major(v)) == 64
     tight = v.transpose(-1, -2).contiguous().transpose(-1, -2)  # keys innermost, pitch 49
-    assert tight.stride(2) == 1 and runtime.v_keys(tight) == 49
+    assert tight.stride(2) == 1 and launch.v_keys(tight) == 49
     buf = torch.zeros(2, 3, 32, 64, dtype=torch.int8)
-    assert runtime.v_keys(buf[..., :49].transpose(-1, -2)) == 64
+    assert launch.v_keys(buf[..., :49].transpose(-1, -2)) == 64
     short = torch.zeros(2 * 3 * 32 * 64 - 1, dtype=torch.int8)  # one byte short of the last padded key
     view = short.as_strided((2, 3, 49, 32), (3 * 32 * 64, 32 * 64, 1, 64))
-    assert runtime.v_keys(view) == 49
+    assert launch.v_keys(view) == 49
 
 
 @pytest.mark.parametrize("n", [197, 49])
@@ -147,7 +147,7 @@ def test_float_inputs_single_pass_vit_config_equals_the_oracle(device, n, tuned)
     """The tuned ViT shape of config (BLOCK_M=64: wgmma on sm_90, one 256-key pass): split key
     tiles gave wrong bits here for float inputs on an H100 (Triton 3.6), so float inputs keep one
     BLOCK_N tile; this pins it.  A tuned entry's register cap and heads per program (int8
-    launch options) are not applied to float inputs (runtime.launch_static)."""
+    launch options) are not applied to float inputs (launch.launch_static)."""
     cfg = DEFAULT_CONFIG.replace(block_n=256, rescale="shift", rescale_bits=15, **tuned)
     q, k, v = _inputs(2, 3, n, 64, torch.float16, device, seed=11)
     scales = (0.02, 0.025, 0.03)

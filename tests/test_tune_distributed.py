@@ -27,8 +27,8 @@ import yaml
 from optuna.trial import TrialState
 
 from qflash_gen import gpu as gpu_names
-from qflash_gen.tune import _dbio, cli, devices, lease, storage
-from qflash_gen.tune.study import DB_WRITTEN
+from qflash_gen.tune import cli, devices, lease, storage
+from qflash_gen.tune.db_turn import DB_WRITTEN
 
 TABLE = Path(__file__).parent / "data" / "h100_sweep.csv"
 PG_ENV = "QFLASH_GEN_TEST_PG_URL"
@@ -125,7 +125,7 @@ def _leases_left(st, prefix=None):
     """Leases still in the storage (of the studies named ``prefix/...``: the PostgreSQL database is
     shared by the tests)."""
     studies = st.get_all_studies()
-    ids = {str(s._study_id) for s in studies if prefix is None or s.study_name.startswith(prefix + "/")}
+    ids = {str(st.get_study_id_from_name(s.study_name)) for s in studies if prefix is None or s.study_name.startswith(prefix + "/")}
     return [s.study_name for s in studies if lease.is_lease_name(s.study_name) and s.study_name.split(":")[1] in ids]
 
 
@@ -363,14 +363,14 @@ def test_a_dead_local_holder_is_reaped_and_its_slot_resumed_first(tmp_path):
     with lease.Leases(st, sid) as a, lease.Leases(st, sid) as b:
         assert a.claim_slot() == 1  # slot 0 is free, but the dead worker's slot 1 is resumed first
         assert b.claim_slot() == 0
-        assert len(a.live(lease.WORKER)) == 1  # b's slot, seen from a
+        assert len(a.live(lease.SLOT)) == 1  # b's slot, seen from a
     assert not _leases_left(st)
 
 
 def test_a_reused_pid_of_this_process_is_not_taken_for_alive(tmp_path):
     now = time.time()
     me = {"host": os.uname().nodename, "pid": os.getpid(), "heartbeat": now}
-    assert lease.holder_alive({**me, "token": lease._TOKEN}, now)
+    assert lease.holder_alive({**me, "token": lease.PROCESS_TOKEN}, now)
     assert not lease.holder_alive({**me, "token": "an-earlier-process"}, now)
     assert not lease.holder_alive(None, now)
 
@@ -396,7 +396,7 @@ def test_devices_of_different_models_are_a_clear_error():
 
 def test_cli_refuses_mixed_gpus(monkeypatch, capsys):
     fake = [_fake(0, "NVIDIA H100 80GB HBM3"), _fake(1, "NVIDIA A100-SXM4-80GB", cc=(8, 0))]
-    monkeypatch.setattr(_dbio, "device_models", lambda indices: fake)
+    monkeypatch.setattr(devices, "device_models", lambda indices: fake)
     code = cli.main(["--devices", "0,1", "--workloads", "vit_b", "--trials", "1"])
     err = capsys.readouterr().err
     assert code == 2 and "--devices 0,1" in err and "h100" in err and "a100" in err and "Traceback" not in err
@@ -404,11 +404,11 @@ def test_cli_refuses_mixed_gpus(monkeypatch, capsys):
 
 def test_live_devices_pin_one_worker_to_each_gpu(monkeypatch, tmp_path, capsys):
     fake = [_fake(0, "NVIDIA H100 80GB HBM3"), _fake(1, "NVIDIA H100 80GB HBM3")]
-    monkeypatch.setattr(_dbio, "device_models", lambda indices: fake)
+    monkeypatch.setattr(devices, "device_models", lambda indices: fake)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")  # this process sees GPUs 2 and 3 as 0 and 1
     started = []
     monkeypatch.setattr(
-        devices, "run_workers", lambda argv, workers, err=None: started.append((argv, workers)) or [0, 0]
+        devices, "run_device_runners", lambda argv, workers, err=None: started.append((argv, workers)) or [0, 0]
     )
     argv = ["--devices", "0,1", "--workloads", "swin_t_s1", "--batches", "8", "--storage", str(tmp_path / "s.j")]
     assert cli.main(argv) == 0, capsys.readouterr().err

@@ -8,8 +8,8 @@ import optuna
 import pytest
 
 from qflash_gen.config import KernelConfig
-from qflash_gen.tune.isolate import IsolatedRunner, WorkerError
 from qflash_gen.tune.measure import GPUMeasurer, Protocol, ShapeSpec
+from qflash_gen.tune.measure.isolation import IsolatedRunner, WorkerError
 from qflash_gen.tune.space import Grid, SearchSpace
 from qflash_gen.tune.study import run_study
 
@@ -33,7 +33,7 @@ FAKE_TARGET = textwrap.dedent(
 
 
     def by_config(job):
-        """Like qflash_gen.tune.gpu_worker.run_job, with behaviour chosen by the config."""
+        """Like qflash_gen.tune.measure.gpu_jobs.run_job, with behaviour chosen by the config."""
         cfg = job["config"]
         if cfg["block_m"] == 32:
             os.abort()
@@ -135,7 +135,7 @@ def test_real_worker_target_in_the_interpreter():
 
 
 def test_swin_shift_mask_matches_swin():
-    from qflash_gen.tune.gpu_worker import swin_shift_mask
+    from qflash_gen.tune.measure.gpu_jobs import swin_shift_mask
 
     assert swin_shift_mask(1) is None and swin_shift_mask(3) is None
     mask = swin_shift_mask(4)  # 14x14 map, windows of 7, shift 3

@@ -92,17 +92,17 @@ def test_a_trial_finished_by_another_process_is_dropped_not_fatal(capsys):
 
     from qflash_gen.config import DEFAULT_CONFIG
     from qflash_gen.tune.measure import Measurement
-    from qflash_gen.tune.study import _tell
+    from qflash_gen.tune.trials import tell
 
     study = optuna.create_study(storage=optuna.storages.InMemoryStorage())
     trial = study.ask()
     study.tell(trial.number, state=optuna.trial.TrialState.FAIL)  # the reaper's verdict
     m = Measurement(latency_us=5.0, spread_us=0.1, sqnr_db=35.0, correct=True)
     cfg = DEFAULT_CONFIG
-    assert _tell(study, trial, cfg, cfg.hash, m, "latency", 30.0, {"measured": True}) is False
+    assert tell(study, trial, cfg, cfg.hash, m, "latency", 30.0, {"measured": True}) is False
     (t,) = study.get_trials()
     assert t.state == optuna.trial.TrialState.FAIL and "measured" not in t.user_attrs
     assert f"trial {trial.number} was finished by another process" in capsys.readouterr().err
     fresh = study.ask()
-    assert _tell(study, fresh, cfg, cfg.hash, m, "latency", 30.0, {"measured": True}) is True
+    assert tell(study, fresh, cfg, cfg.hash, m, "latency", 30.0, {"measured": True}) is True
     assert study.trials[-1].state == optuna.trial.TrialState.COMPLETE and study.trials[-1].user_attrs["measured"]

@@ -14,7 +14,7 @@ from test_tune_synthetic import SYNTHETIC_GPU, synthetic_table  # noqa: F401 - f
 
 from qflash_gen.config import KernelConfig
 from qflash_gen.tune import cli
-from qflash_gen.tune.simulate import SimulatedMeasurer
+from qflash_gen.tune.measure.simulate import SimulatedMeasurer
 from qflash_gen.tune.space import Grid, SearchSpace
 from qflash_gen.tune.study import run_study
 from qflash_gen.tune.table import read_table
@@ -85,8 +85,9 @@ def test_duplicates_are_never_remeasured_and_rerun_resumes(synthetic_table, tmp_
 
 
 def test_db_best_is_enqueued_first(synthetic_table, dirs, capsys):  # noqa: F811
-    from qflash_gen import db, runtime
-    from qflash_gen.tune import _dbio
+    from qflash_gen import db
+    from qflash_gen.config import default_config
+    from qflash_gen.tune.plan import db_file
 
     table = read_table(synthetic_table)
     shape = next(s for s in table.shapes(SYNTHETIC_GPU) if s.workload == "vit_b")
@@ -94,7 +95,7 @@ def test_db_best_is_enqueued_first(synthetic_table, dirs, capsys):  # noqa: F811
     incumbent = sorted(rows, key=lambda r: r.measurement.latency_us)[len(rows) // 2]  # a middling config
     m = incumbent.measurement
     entry = db.Entry(
-        key=_dbio.key_for(shape, "fp16"),
+        key=shape.key("fp16"),
         config=incumbent.config,
         latency_us=m.latency_us,
         latency_spread_us=m.spread_us,
@@ -102,7 +103,7 @@ def test_db_best_is_enqueued_first(synthetic_table, dirs, capsys):  # noqa: F811
         trials=1,
         protocol={"source": "test incumbent"},
     )
-    db.write_entries(_dbio.db_file(dirs["db"], SYNTHETIC_GPU), [entry], gpu=SYNTHETIC_GPU)
+    db.write_entries(db_file(dirs["db"], SYNTHETIC_GPU), [entry], gpu=SYNTHETIC_GPU)
     code, _, err = _run(
         capsys,
         "--simulate", synthetic_table, "--workloads", "vit_b", "--batches", "8", "--db", dirs["db"],
@@ -113,7 +114,7 @@ def test_db_best_is_enqueued_first(synthetic_table, dirs, capsys):  # noqa: F811
     first, second = (KernelConfig.from_dict(t.user_attrs["config"]) for t in trials[:2])
     assert first == incumbent.config  # the DB's entry, re-measured under this run's protocol
     # then the safe default, mapped into the table's space (its 7-bit-P, shift8 grid)
-    default = runtime.default_config(shape.n, shape.d)
+    default = default_config(shape.n, shape.d)
     assert second.p_bits == 7 and second.rescale == "shift"
     assert (second.block_m, second.block_n, second.exp_variant) == (
         default.block_m,
@@ -124,15 +125,16 @@ def test_db_best_is_enqueued_first(synthetic_table, dirs, capsys):  # noqa: F811
 
 def test_winner_of_another_batch_bucket_is_enqueued(synthetic_table, dirs, capsys):  # noqa: F811
     """No entry for b=8's key, one for b=64's (same N and D): that config is the first trial."""
-    from qflash_gen import db, runtime
+    from qflash_gen import db
+    from qflash_gen.config import default_config
     from qflash_gen.keys import workload_key
-    from qflash_gen.tune import _dbio
+    from qflash_gen.tune.plan import db_file
 
     table = read_table(synthetic_table)
     b8 = next(s for s in table.shapes(SYNTHETIC_GPU) if s.workload == "vit_b" and s.batch == 8)
     key64 = workload_key((64, b8.h, b8.n, b8.d), masked=b8.masked)
-    assert key64 != _dbio.key_for(b8, "fp16")
-    default = runtime.default_config(b8.n, b8.d)
+    assert key64 != b8.key("fp16")
+    default = default_config(b8.n, b8.d)
     rows = [r for r in table.rows_for(SYNTHETIC_GPU, b8) if r.measurement.feasible(30.0)]
     other = next(r for r in rows if (r.config.block_m, r.config.block_n) != (default.block_m, default.block_n))
     m = other.measurement
@@ -140,7 +142,7 @@ def test_winner_of_another_batch_bucket_is_enqueued(synthetic_table, dirs, capsy
         key=key64, config=other.config, latency_us=m.latency_us,
         latency_spread_us=m.spread_us, sqnr_db=m.sqnr_db, trials=1, protocol={"source": "test b=64"},
     )  # fmt: skip
-    db.write_entries(_dbio.db_file(dirs["db"], SYNTHETIC_GPU), [entry], gpu=SYNTHETIC_GPU)
+    db.write_entries(db_file(dirs["db"], SYNTHETIC_GPU), [entry], gpu=SYNTHETIC_GPU)
     code, _, err = _run(
         capsys,
         "--simulate", synthetic_table, "--workloads", "vit_b", "--batches", "8", "--db", dirs["db"],

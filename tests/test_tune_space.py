@@ -8,7 +8,7 @@ from qflash_gen import config as cfgmod
 from qflash_gen.config import KernelConfig
 from qflash_gen.tune.measure import Measurement
 from qflash_gen.tune.space import GRIDS, Grid, SearchSpace, complexity, smem_estimate
-from qflash_gen.tune.study import TrialRecord, pareto_front, select_best
+from qflash_gen.tune.trials import TrialRecord, pareto_front, select_best
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""Named workloads → attention shapes (DESIGN §7), and the errors for bad names and batches."""
+"""Named workloads → attention shapes (docs/design.md, "Workloads"), and the errors for bad names and batches."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 
 from qflash_gen import workloads
 
-# DESIGN §7, restated as the test's spec: (N, D, heads) of the ViT/DeiT family, Swin stages.
+# docs/design.md "Workloads", restated as the test's spec: (N, D, heads) of the ViT/DeiT family, Swin stages.
 VIT_HEADS = {"t": 3, "s": 6, "b": 12, "l": 16}
 SWIN_STAGES = {"t": ((64, 3), (16, 6), (4, 12), (1, 24)), "s": ((64, 3), (16, 6), (4, 12), (1, 24))}
 SWIN_STAGES["b"] = ((64, 4), (16, 8), (4, 16), (1, 32))

@@ -4,14 +4,14 @@
 
 Per workload x batch it records (one CSV row per measurement):
   mode=kernel  qflash-gen int8-in kernel (pre-quantized inputs, V key-major as quant_kernels writes
-               it; the launch alone, through runtime.launch_fast as get_kernel's call does),
+               it; the launch alone, through launch.launch_fast as get_kernel's call does),
                do_bench median
   mode=graph   the same launch and each SDPA backend under CUDA-graph replay
   mode=kernel_int8out  the same kernel with int8 out, do_bench median
   mode=fp16    fp16 in -> fp16 out: qflash_gen.attention (dynamic quantization included) and SDPA
   mode=fp16_static, graph_fp16_static
                fp16 in -> fp16 out at static per-tensor scales (calibrated once on the input, as
-               get_kernel(shape)(q, k, v, (sq, sk, sv)) with float scales): runtime.launch_static,
+               get_kernel(shape)(q, k, v, (sq, sk, sv)) with float scales): launch.launch_static,
                q, k, v quantized inside the kernel's loads (one launch); do_bench and graph replay
 Each qflash row is checked against the integer oracle on the GPU first (oracle_equal) and carries
 its SQNR vs fp64.  do_bench flushes L2 between repeats.  The kernel row also carries the fraction
@@ -44,8 +44,9 @@ import triton.testing
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qflash_gen import cli, codegen, quant, reference, roofline, runtime  # noqa: E402
-from qflash_gen.config import KernelConfig  # noqa: E402
+from qflash_gen import api, codegen, launch, quant, reference, roofline  # noqa: E402
+from qflash_gen.codegen import asm  # noqa: E402
+from qflash_gen.config import KernelConfig, parse_config  # noqa: E402
 from qflash_gen.kernel import get_kernel  # noqa: E402
 
 # The paper's kernel workloads (per image): (heads, N, D, windows per image).
@@ -131,9 +132,9 @@ def _sass(cfg: KernelConfig, h: int, n: int, d: int) -> str | None:
     if key not in _SASS:
         major, minor = torch.cuda.get_device_capability()
         try:
-            asm = cli.compile_asm(cfg, (1, h, n, d), masked=False, out_dtype="fp16", arch=major * 10 + minor)
-            _SASS[key] = asm.stages["sass"]
-        except cli.CommandError as exc:
+            res = asm.compile_asm(cfg, (1, h, n, d), masked=False, out_dtype="fp16", arch=major * 10 + minor)
+            _SASS[key] = res.stages["sass"]
+        except asm.CompileError as exc:
             print(f"  ALU fraction n/a for {cfg.short()} H={h} N={n} D={d}: {exc}", file=sys.stderr)
             _SASS[key] = None
     return _SASS[key]
@@ -167,10 +168,10 @@ def bench_one(
     # directly (runtime.launch_fast), not Triton's per-call binding, which on this kind of host
     # takes longer than the small kernels themselves.
     def kern():
-        runtime.launch_fast(module, cfg, q8, k8, v8, params, out8, torch.int8)
+        launch.launch_fast(module, cfg, q8, k8, v8, params, out8, torch.int8)
 
     def kern16():
-        runtime.launch_fast(module, cfg, q8, k8, v8, params, out16, torch.float16)
+        launch.launch_fast(module, cfg, q8, k8, v8, params, out16, torch.float16)
 
     kern16()
     want = reference.reference_int8(q8, k8, v8, params, cfg, out_dtype=torch.float16)
@@ -202,7 +203,7 @@ def bench_one(
     )
 
     def full():
-        return runtime.attention(q, k, v, config=cfg)
+        return api.attention(q, k, v, config=cfg)
 
     out_full = full()
     rows.append(
@@ -223,7 +224,7 @@ def bench_one(
     out16s = torch.empty(shape, dtype=torch.float16, device="cuda")
 
     def static16():
-        runtime.launch_static(module, cfg, q, k, v, sparams, None, out16s, torch.float16, fast=True)
+        launch.launch_static(module, cfg, q, k, v, sparams, None, out16s, torch.float16, fast=True)
 
     static16()
     q8s = tuple(quant.quantize(t, s) for t, s in ((q, ssq), (k, ssk), (v, ssv)))
@@ -275,7 +276,7 @@ def bench_energy(
     out16 = torch.empty(shape, dtype=torch.float16, device="cuda")
 
     def kern16():
-        runtime.launch(cfg, q8, k8, v8, params, out=out16, out_dtype=torch.float16)
+        launch.launch(cfg, q8, k8, v8, params, out=out16, out_dtype=torch.float16)
 
     kern16()
     want = reference.reference_int8(q8, k8, v8, params, cfg, out_dtype=torch.float16)
@@ -376,9 +377,9 @@ def _limits_cell(r: dict) -> str:
 
 def limits_line(gpu: str, clock_mhz: float, clock_source: str) -> str:
     """The header line naming the peaks and the clock the limits column uses."""
-    pk = roofline.PEAKS.get(gpu)
+    pk = roofline.peaks(gpu)
     if pk is None:
-        return f"Limits: no peaks known for {gpu!r} (roofline.PEAKS), so no fractions."
+        return f"Limits: no peaks known for {gpu!r} (qflash_gen.gpu.KNOWN_GPUS), so no fractions."
     return (
         f"Limits (qflash_gen/roofline.py): HBM {pk.hbm_bytes_per_s / 1e12:.2f} TB/s, dense int8 tensor "
         f"{pk.int8_ops_per_s / 1e12:.0f} TOPS, integer ALU {pk.sms} SMs × {pk.int32_lanes_per_sm} INT32 lanes "
@@ -458,8 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = None
     if args.config:
         try:
-            cfg = cli.parse_config(args.config)  # fields over DEFAULT_CONFIG, as qflash-show --config
-        except cli.UsageError as exc:
+            cfg = parse_config(args.config)  # fields over DEFAULT_CONFIG, as qflash-show --config
+        except ValueError as exc:
             print(f"{Path(__file__).name}: --config: {exc}", file=sys.stderr)
             return 2
     gpu = gpu_label()

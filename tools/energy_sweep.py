@@ -28,7 +28,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qflash_gen import workloads  # noqa: E402
-from qflash_gen.tune.space import SMEM_LIMITS, Grid  # noqa: E402
+from qflash_gen.gpu import check_gpu_name, smem_limit  # noqa: E402
+from qflash_gen.tune.space import Grid  # noqa: E402
 
 ENERGY_GRID = Grid(
     block_m=(32, 64),
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="print the plan and the time estimate, measure nothing")
     args = p.parse_args(argv)
 
-    from qflash_gen.tune import _dbio
+    from qflash_gen.tune import devices
     from qflash_gen.tune.measure import GPUMeasurer, Protocol, ShapeSpec
     from qflash_gen.tune.sweep import make_plan, run_plan
     from qflash_gen.tune.table import TableWriter
@@ -75,14 +76,14 @@ def main(argv: list[str] | None = None) -> int:
         shapes = [
             ShapeSpec.of(w, b) for w in workloads.resolve(args.workloads) for b in workloads.parse_batches(args.batches)
         ]
-        _dbio.check_gpu_name(args.gpu)
+        check_gpu_name(args.gpu, argument="--gpu")
         protocol = Protocol(
             seed=args.seed, energy=True, energy_min_s=args.energy_seconds, energy_repeats=args.energy_repeats
         )
     except ValueError as exc:
         print(f"energy_sweep.py: error: {exc}", file=sys.stderr)
         return 2
-    plan = make_plan(shapes, ENERGY_GRID, args.gpu, None, smem_limit=SMEM_LIMITS.get(args.gpu), seed=args.seed)
+    plan = make_plan(shapes, ENERGY_GRID, args.gpu, None, smem_limit=smem_limit(args.gpu), seed=args.seed)
     for g in plan.groups:
         n_cfg = len(plan.configs[(g.n, g.d, g.masked)])
         print(f"N={g.n} D={g.d} masked={g.masked}: {n_cfg} configs x [{', '.join(s.label() for s in g.shapes)}]")
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return 0
 
-    present, what = _dbio.present_gpu()
+    present, what = devices.present_gpu()
     if present != args.gpu:
         print(f"energy_sweep.py: error: --gpu {args.gpu} but {what}", file=sys.stderr)
         return 2
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             "recorded_by": "tools/energy_sweep.py",
         }
         with TableWriter(args.record, measurer.protocol, env, energy=True) as writer:
-            plan = make_plan(shapes, ENERGY_GRID, args.gpu, writer, smem_limit=SMEM_LIMITS.get(args.gpu))
+            plan = make_plan(shapes, ENERGY_GRID, args.gpu, writer, smem_limit=smem_limit(args.gpu))
             print(f"to measure: {plan.n_measurements} rows ({writer.n_done} already in {args.record})", flush=True)
             t0 = time.monotonic()
 

@@ -378,14 +378,13 @@ def _split_top(spec: str) -> list[str]:
 
 
 def _configs(spec: str, gpu: str | None):
-    from qflash_gen import runtime
-    from qflash_gen.config import KernelConfig, fits
+    from qflash_gen.config import KernelConfig, default_config, fits
 
     n, d = (IMG // PATCH) ** 2 + 1, 64
     out = []
     for item in _split_top(spec):
         if item == "default":
-            out.append(("default", runtime.default_config(n, d)))
+            out.append(("default", default_config(n, d)))
         elif item == "auto":
             out.append(("auto (DB pick on CUDA, else default)", None))
         elif item in ("db", "db-all"):

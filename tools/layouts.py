@@ -6,7 +6,7 @@ Per workload x batch (do_bench median, µs; every output checked bit for bit aga
   int8_v_contig    int8 q, k, v, V contiguous (B, H, N, D): the kernel transposes V byte by byte
   int8_v_keymajor  the same values, V key-major (quant.key_major, what quant_kernels writes)
   static_fused     fp16 in, static scales, quantized in the kernel's loads (one launch)
-  dynamic          fp16 in, runtime.attention (per-call scales: absmax, quantize, kernel)
+  dynamic          fp16 in, api.attention (per-call scales: absmax, quantize, kernel)
 Prints one line per shape and writes <out>/layouts-<gpu>.csv.
 """
 
@@ -23,8 +23,8 @@ import triton.testing
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qflash_gen import cli, codegen, quant, quant_kernels, reference, runtime  # noqa: E402
-from qflash_gen.config import KernelConfig  # noqa: E402
+from qflash_gen import api, codegen, launch, quant, quant_kernels, reference  # noqa: E402
+from qflash_gen.config import KernelConfig, parse_config  # noqa: E402
 from qflash_gen.kernel import get_kernel  # noqa: E402
 
 
@@ -53,10 +53,10 @@ def run(name: str, batch: int, config: KernelConfig | None) -> list[dict]:
     out = torch.empty(shape, dtype=torch.float16, device="cuda")
 
     paths = {
-        "int8_v_contig": lambda: runtime.launch_fast(module, cfg, q8, k8, v8, params, out, torch.float16),
-        "int8_v_keymajor": lambda: runtime.launch_fast(module, cfg, q8, k8, v8k, params, out, torch.float16),
-        "static_fused": lambda: runtime.launch_fast(module, cfg, q, k, v, params, out, torch.float16),
-        "dynamic": lambda: runtime.attention(q, k, v, config=cfg),
+        "int8_v_contig": lambda: launch.launch_fast(module, cfg, q8, k8, v8, params, out, torch.float16),
+        "int8_v_keymajor": lambda: launch.launch_fast(module, cfg, q8, k8, v8k, params, out, torch.float16),
+        "static_fused": lambda: launch.launch_fast(module, cfg, q, k, v, params, out, torch.float16),
+        "dynamic": lambda: api.attention(q, k, v, config=cfg),
     }
     rows = []
     for path, fn in paths.items():
@@ -97,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = None
     if args.config:
         try:
-            cfg = cli.parse_config(args.config)  # fields over DEFAULT_CONFIG, as qflash-show --config
-        except cli.UsageError as exc:
+            cfg = parse_config(args.config)  # fields over DEFAULT_CONFIG, as qflash-show --config
+        except ValueError as exc:
             print(f"{Path(__file__).name}: --config: {exc}", file=sys.stderr)
             return 2
     rows = [r for wl in args.workloads.split(",") for bt in map(int, args.batches.split(",")) for r in run(wl, bt, cfg)]

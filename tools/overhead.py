@@ -6,8 +6,8 @@ Host time per call = wall time of `calls` back-to-back launches with no sync, di
 (the GPU work of this small shape is shorter than the host time, so the host is what is timed).
 Compared, on the same compiled kernel and arguments:
   raw        module._qflash_fwd[grid](...) with every argument precomputed (Triton's own launch)
-  kernel     qflash_gen.get_kernel(shape, ...)(q8, k8, v8, scales)  (the DESIGN's call path)
-  launch     qflash_gen.runtime.launch(config, ...)                 (config -> module each call)
+  kernel     qflash_gen.get_kernel(shape, ...)(q8, k8, v8, scales)  (the designed call path)
+  launch     qflash_gen.launch.launch(config, ...)                  (config -> module each call)
   attention  qflash_gen.attention(q, k, v)  fp16 in/out, dynamic scales, DB lookup
 Then captures qflash_gen.attention in a CUDA graph and checks replay == eager, bit for bit.
 """
@@ -26,7 +26,8 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import qflash_gen  # noqa: E402
-from qflash_gen import quant, runtime  # noqa: E402
+from qflash_gen import launch, quant  # noqa: E402
+from qflash_gen.codegen import signature  # noqa: E402
 
 
 def per_call_us(fn, calls: int) -> float:
@@ -59,25 +60,22 @@ def main() -> int:
     params = quant.make_params(*scales, head_dim=d, device="cuda")
     module = kern.module
     grid = (triton.cdiv(n, cfg.block_m), b * h)
-    lut = runtime._lut(cfg.lut_bits, q8.device) if cfg.exp_variant == "lut" else params.ints
-    args = (
-        q8, k8, v8, out, params.ints, params.ints, params.floats, lut,
-        *q8.stride(), *k8.stride(), *v8.stride(), *out.stride(), 0, 0, 0, 0, h,
+    lut = launch.lut_arg(cfg, q8.device, params.ints)
+    args = signature.pack(
+        q8, k8, v8, out, params.ints, params, lut, q8.stride(), k8.stride(), v8.stride(), out.stride(),
+        launch.NO_STRIDES, h, n, d, False, True, launch.v_keys(v8), cfg.tail_rows(n), 1,
     )  # fmt: skip
-    consts = dict(
-        N_CTX=n, HEAD_DIM=d, HAS_BIAS=False, OUT_FLOAT=True, V_KEYS=n, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
+    options = signature.launch_options(cfg.render_part())  # Triton's own launch, uncapped, one head
     fn = module._qflash_fwd
 
     def raw():
-        fn[grid](*args, **consts)
+        fn[grid](*args, **options)
 
     def via_kernel():
         kern(q8, k8, v8, scales, out_dtype=torch.float16, out=out)
 
     def via_launch():
-        runtime.launch(cfg, q8, k8, v8, params, out=out, out_dtype=torch.float16)
+        launch.launch(cfg, q8, k8, v8, params, out=out, out_dtype=torch.float16)
 
     def via_attention():
         qflash_gen.attention(q, k, v)

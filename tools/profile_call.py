@@ -17,7 +17,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qflash_gen import attention, quant, runtime  # noqa: E402
+from qflash_gen import api, attention, launch, quant  # noqa: E402
+from qflash_gen.config import default_config  # noqa: E402
 
 
 def timed(fn, reps=50):
@@ -38,7 +39,7 @@ def main() -> None:
     a = p.parse_args()
     shape = tuple(int(x) for x in a.shape.split(","))
     q, k, v = (torch.randn(shape, device="cuda", dtype=torch.float16) for _ in range(3))
-    cfg = runtime.default_config(shape[2], shape[3])
+    cfg = default_config(shape[2], shape[3])
     sq, sk, sv = (quant.dynamic_scale(t) for t in (q, k, v))
     q8, k8, v8 = (quant.quantize(t, s) for t, s in ((q, sq), (k, sk), (v, sv)))
     params = quant.make_params(sq, sk, sv, head_dim=shape[3])
@@ -46,8 +47,8 @@ def main() -> None:
         "dynamic_scale x3": lambda: [quant.dynamic_scale(t) for t in (q, k, v)],
         "quantize x3": lambda: [quant.quantize(t, s) for t, s in ((q, sq), (k, sk), (v, sv))],
         "make_params": lambda: quant.make_params(sq, sk, sv, head_dim=shape[3]),
-        "launch (fp16 out)": lambda: runtime.launch(cfg, q8, k8, v8, params, out_dtype=torch.float16),
-        "attention_int8": lambda: runtime.attention_int8(q8, k8, v8, (sq, sk, sv), config=cfg, out_dtype=torch.float16),
+        "launch (fp16 out)": lambda: launch.launch(cfg, q8, k8, v8, params, out_dtype=torch.float16),
+        "attention_int8": lambda: api.attention_int8(q8, k8, v8, (sq, sk, sv), config=cfg, out_dtype=torch.float16),
         "attention (fp16)": lambda: attention(q, k, v, config=cfg),
         "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
     }

@@ -12,12 +12,23 @@ optuna.  See qflash_gen/tune/sweep.py for the method.
 
 from __future__ import annotations
 
+import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qflash_gen.tune.sweep import main  # noqa: E402
+from qflash_gen.tune import cli  # noqa: E402
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The exhaustive mode of ``qflash-tune`` with its own default grid (``sweep``)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--grid", default="sweep")
+    known, rest = parser.parse_known_args(argv)
+    return cli.main(["--exhaustive", "--grid", known.grid, *rest])
+
 
 if __name__ == "__main__":
     sys.exit(main())

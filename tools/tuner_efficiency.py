@@ -26,10 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import optuna  # noqa: E402
 
-from qflash_gen.tune.simulate import SimulatedMeasurer  # noqa: E402
+from qflash_gen.tune.measure.simulate import SimulatedMeasurer  # noqa: E402
 from qflash_gen.tune.space import Grid, SearchSpace  # noqa: E402
-from qflash_gen.tune.study import TrialRecord, run_study  # noqa: E402
+from qflash_gen.tune.study import run_study  # noqa: E402
 from qflash_gen.tune.table import read_table  # noqa: E402
+from qflash_gen.tune.trials import TrialRecord  # noqa: E402
 
 
 def trials_to_reach(

@@ -1,16 +1,21 @@
 """The tuner behind ``qflash-tune``: Optuna search over `KernelConfig`s, per GPU and workload.
 
-Modules, one concept each:
+Modules, one concept each (the flow: docs/architecture.md):
 
-* :mod:`.space` — the search space (grid, constraints, Optuna distributions).
-* :mod:`.measure` — the measurement contract (:class:`Measurer`, :class:`Measurement`,
-  :class:`Protocol`) and the GPU backend; :mod:`.simulate` — replay of a recorded table.
-* :mod:`.isolate` / :mod:`.worker` / :mod:`.gpu_worker` — candidates run in a worker subprocess.
-* :mod:`.study` — the ask/tell loop, duplicate handling, resume, the pick and the Pareto front.
-* :mod:`.table` — recorded tables (CSV); :mod:`.sweep` — the exhaustive sweep that records them.
-* :mod:`.storage` — Optuna storage (embedded journal file or a URL); :mod:`.cli` — ``qflash-tune``.
-* :mod:`.lease` — several workers on one study: who measures a config, worker slots, who writes
-  the DB; :mod:`.devices` — ``--devices``: one worker process per GPU (docs/distributed.md).
+* :mod:`.cli` -- the argument parser and dispatch; :mod:`.commands` -- its modes (search,
+  export, devices, sweep); :mod:`.setup` -- arguments to shapes, measurer, grid, storage;
+  :mod:`.summary` -- what it prints.
+* :mod:`.space` -- the search space (grid, constraints, Optuna distributions).
+* :mod:`.plan` -- each study's warm starts (the DB's entries, the default, their variants).
+* :mod:`.study` -- open a study, take a slot, the ask/tell loop (:class:`~.study.StudySettings`);
+  :mod:`.trials` -- trial records and results; :mod:`.objective` -- objectives and the pick.
+* :mod:`.measure` -- the measurement contract and its backends (GPU in a worker subprocess,
+  replay of a recorded table).
+* :mod:`.table` -- recorded tables (CSV); :mod:`.sweep` -- the exhaustive sweep that records them.
+* :mod:`.storage` -- Optuna storage (journal file or a URL); :mod:`.lease` -- several processes
+  on one study (who measures a config, slots); :mod:`.db_turn` -- who writes the DB;
+  :mod:`.winners` -- the DB entries and Pareto fronts; :mod:`.devices` -- ``--devices``: one
+  device runner per GPU (docs/distributed.md).
 
 Importing this package starts no process and touches no GPU.
 """
@@ -26,15 +31,16 @@ _EXPORTS = {
     "Measurer": "measure",
     "Protocol": "measure",
     "ShapeSpec": "measure",
-    "SimulatedMeasurer": "simulate",
+    "SimulatedMeasurer": "measure.simulate",
     "GRIDS": "space",
     "Grid": "space",
     "SearchSpace": "space",
-    "StudyResult": "study",
-    "TrialRecord": "study",
-    "pareto_front": "study",
+    "StudyResult": "trials",
+    "StudySettings": "study",
+    "TrialRecord": "trials",
+    "pareto_front": "trials",
     "run_study": "study",
-    "select_best": "study",
+    "select_best": "trials",
     "Table": "table",
     "TableWriter": "table",
     "read_table": "table",

@@ -1,14 +1,14 @@
-"""``qflash-tune --devices 0,1,…``: one worker process per GPU of this host, on the same studies.
+"""``qflash-tune --devices 0,1,…``: one device runner per GPU of this host, on the same studies.
 
 The parent measures nothing.  It checks that the GPUs are one model (a study and its DB file are
 per GPU model: an H100 SXM and an H100 PCIe are different GPUs here), then starts one
-``qflash-tune`` per device with the same arguments, pinned to its GPU by ``CUDA_VISIBLE_DEVICES``
+``qflash-tune`` per device (a *device runner*) with the same arguments, pinned to its GPU by ``CUDA_VISIBLE_DEVICES``
 (an index is mapped through the parent's own ``CUDA_VISIBLE_DEVICES`` if it has one) and labeled
-``cuda:<i>``.  The workers share the studies through the storage: each takes a worker slot and
+``cuda:<i>``.  The runners share the studies through the storage: each takes a slot and
 spends its own ``--trials`` (:mod:`.study`), leases keep them from measuring a config twice, and the
-last one to finish a study writes its DB entry (:mod:`.lease`).  Each worker's output is
-forwarded with its label in front.  With ``--simulate`` the workers replay the table instead
-(labels ``sim:<i>``, no GPU is touched): the multi-worker path runs in CI.
+last one to finish a study writes its DB entry (:mod:`.db_turn`).  Each runner's output is
+forwarded with its label in front.  With ``--simulate`` the runners replay the table instead
+(labels ``sim:<i>``, no GPU is touched): the several-runner path runs in CI.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
-from qflash_gen.tune.isolate import PACKAGE_ROOT
+from qflash_gen import gpu
+from qflash_gen.tune.measure.isolation import PACKAGE_ROOT
 
 
 def parse_devices(text: str) -> list[int]:
@@ -70,7 +71,7 @@ def physical_index(index: int, environ: Mapping[str, str] | None = None) -> str:
 
 
 def child_argv(argv: Sequence[str]) -> list[str]:
-    """The parent's arguments without ``--devices`` (each worker gets ``--device-label``)."""
+    """The parent's arguments without ``--devices`` (each device runner gets ``--device-label``)."""
     out: list[str] = []
     skip = False
     for a in argv:
@@ -93,9 +94,9 @@ def _forward(stream: TextIO, label: str, sink: TextIO, lock: threading.Lock) -> 
             sink.flush()
 
 
-def run_workers(
+def run_device_runners(
     argv: Sequence[str],
-    workers: Sequence[tuple[str, Mapping[str, str]]],
+    runners: Sequence[tuple[str, Mapping[str, str]]],
     *,
     err: Any = None,
     sink: TextIO | None = None,
@@ -106,7 +107,7 @@ def run_workers(
     lock = threading.Lock()
     procs: list[subprocess.Popen[str]] = []
     threads = []
-    for label, extra in workers:
+    for label, extra in runners:
         env = {**os.environ, **extra, "PYTHONUNBUFFERED": "1"}
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_ROOT), env.get("PYTHONPATH", "")) if p)
         proc = subprocess.Popen(
@@ -137,3 +138,39 @@ def run_workers(
     for t in threads:
         t.join(timeout=10)
     return codes
+
+
+# -- the GPUs of this host ----------------------------------------------------------------------------
+def present_gpu() -> tuple[str | None, str]:
+    """``(short name, description)`` of the CUDA device present, or ``(None, why not)``."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None, "no CUDA GPU is present (torch.cuda.is_available() is False)"
+    name = gpu.current_gpu()
+    return name, f"{name} ({torch.cuda.get_device_name()})"
+
+
+
+def device_models(indices: Sequence[int]) -> list[tuple[int, str, str]]:
+    """``(index, short name, device name)`` of the CUDA devices ``indices`` (``--devices``);
+    ValueError naming ``--devices`` when there is no GPU or an index does not exist."""
+    import torch
+
+    shown = ",".join(map(str, indices))
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"--devices {shown}: no CUDA GPU is present (torch.cuda.is_available() is False); "
+            "without a GPU, replay a recorded table: --simulate FILE --devices 0,1"
+        )
+    count = torch.cuda.device_count()
+    out = []
+    for i in indices:
+        if not 0 <= i < count:
+            raise ValueError(f"--devices {shown}: CUDA device {i} does not exist ({count} visible: 0..{count - 1})")
+        props = torch.cuda.get_device_properties(i)
+        short = gpu.normalize_gpu_name(props.name, (props.major, props.minor), int(props.total_memory))
+        out.append((i, short, props.name))
+    return out
+
+

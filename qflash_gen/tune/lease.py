@@ -1,4 +1,4 @@
-"""Leases: which process measures a config, which worker slot it holds, who writes the DB.
+"""Leases: which process measures a config, which slot it holds, who writes the DB.
 
 Several ``qflash-tune`` processes, on one host or many, share a study through its Optuna storage.
 Two of them must never measure the same config, each must know which budget it spends, and one
@@ -14,7 +14,7 @@ created by the process that takes it and deleted when it is released.  The kinds
 * ``config:<config hash>`` -- held while that config is measured.  The holder tells its trial
   *before* it releases the lease, and a process that wins the lease re-reads the finished trials
   *after* winning it, so a config measured meanwhile is seen and not measured again.
-* ``worker:<k>`` -- worker slot k, held from when a process opens the study until it is done
+* ``worker:<k>`` -- slot k, held from when a process opens the study until it is done
   with it (``qflash-tune`` opens all its studies when it starts).  ``--trials`` is the budget of
   one slot: the configs measured by trials tagged ``worker = k``.  A process takes a slot whose
   holder died (it resumes that worker's budget), else the lowest free slot.  So a dead worker's
@@ -44,20 +44,21 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-import optuna
 from optuna.exceptions import DuplicatedStudyError
 from optuna.study import StudyDirection
 from optuna.trial import TrialState
 
-from qflash_gen.tune.storage import _pid_alive
+from qflash_gen.tune.storage import as_backend, pid_alive
 
 PREFIX = "qflash-lease"
 HEARTBEAT_S = 30.0  # how often a holder refreshes its leases
 STALE_S = 300.0  # a holder silent this long is dead (10 heartbeats)
 ORPHAN_GRACE_S = 2.0  # a lease without a holder yet: its creator gets this long to write one
-CONFIG, WORKER, EXPORT = "config", "worker", "export"
+# Lease kinds.  A slot's lease keeps the stored name "worker:<k>" (studies written before the
+# word "slot" was used must still resume).
+CONFIG, SLOT, EXPORT = "config", "worker", "export"
 
-_TOKEN = uuid.uuid4().hex[:12]  # this process; a reused pid gets another one
+PROCESS_TOKEN = uuid.uuid4().hex[:12]  # this process; a reused pid gets another one
 _HOST = socket.gethostname()
 
 
@@ -68,16 +69,6 @@ def lease_name(study_id: int, kind: str, key: str) -> str:
 def is_lease_name(name: str) -> bool:
     """True for the names of leases (to leave them out of study listings)."""
     return name.startswith(PREFIX + ":")
-
-
-def _backend(storage: Any) -> optuna.storages.BaseStorage:
-    """The storage itself: a URL is opened as ``--storage`` opens it (the installed driver named,
-    concurrent table creation retried); Optuna's cache layer is not needed here."""
-    if isinstance(storage, str):
-        from qflash_gen.tune.storage import open_storage
-
-        return open_storage(storage)[0]
-    return storage
 
 
 def holder_alive(holder: Mapping[str, Any] | None, now: float | None = None) -> bool:
@@ -94,8 +85,8 @@ def holder_alive(holder: Mapping[str, Any] | None, now: float | None = None) -> 
         return False
     if holder.get("host") == _HOST:
         if pid == os.getpid():
-            return holder.get("token") == _TOKEN
-        return pid > 0 and _pid_alive(pid)
+            return holder.get("token") == PROCESS_TOKEN
+        return pid > 0 and pid_alive(pid)
     return True
 
 
@@ -115,7 +106,7 @@ class Leases:
     Args:
         storage: the study's storage (a ``BaseStorage``; a URL opens an RDBStorage).
         study_id: the study the leases belong to.
-        info: extra fields written into every holder record (worker slot, device label).
+        info: extra fields written into every holder record (slot, device label).
         heartbeat_s: refresh period of the held leases (default :data:`HEARTBEAT_S`).
 
     Use as a context manager, or call :meth:`close`: it stops the heartbeat and releases every
@@ -129,7 +120,7 @@ class Leases:
         info: Mapping[str, Any] | None = None,
         heartbeat_s: float | None = None,
     ) -> None:
-        self.storage = _backend(storage)
+        self.storage = as_backend(storage)
         self.study_id = int(study_id)
         self.info = dict(info or {})
         self.heartbeat_s = HEARTBEAT_S if heartbeat_s is None else float(heartbeat_s)
@@ -143,7 +134,7 @@ class Leases:
         return {
             "host": _HOST,
             "pid": os.getpid(),
-            "token": _TOKEN,
+            "token": PROCESS_TOKEN,
             "heartbeat": time.time(),
             **self.info,
             **extra,
@@ -254,7 +245,7 @@ class Leases:
 
     def live(self, kind: str, *, reap: bool = True, wait: bool = False) -> list[LeaseInfo]:
         """Leases of ``kind`` held by live processes other than this one; dead ones are reaped,
-        except worker slots (see :meth:`reap_dead`).  A lease whose holder record is not written
+        except slots (see :meth:`reap_dead`).  A lease whose holder record is not written
         yet counts as live, unless ``wait`` gives it :data:`ORPHAN_GRACE_S` to show up."""
         with self._lock:
             mine = {lid for lid, _ in self._held.values()}
@@ -264,7 +255,7 @@ class Leases:
                 continue
             if self._alive(info, wait=wait):
                 out.append(info)
-            elif reap and kind != WORKER:
+            elif reap and kind != SLOT:
                 self.reap(info)
         return out
 
@@ -276,28 +267,28 @@ class Leases:
         without a holder record is reaped only with ``wait`` (it gets :data:`ORPHAN_GRACE_S`)."""
         n = 0
         for info in self.list():
-            if info.kind != WORKER and not self.holds(info.kind, info.key) and not self._alive(info, wait=wait):
+            if info.kind != SLOT and not self.holds(info.kind, info.key) and not self._alive(info, wait=wait):
                 self.reap(info)
                 n += 1
         return n
 
     def claim_slot(self, *, max_slots: int = 4096) -> int:
-        """Take a worker slot: one whose holder died first (resume its budget), else the lowest
+        """Take a slot: one whose holder died first (resume its budget), else the lowest
         free one.  Returns the slot number."""
         taken = set()
-        for info in sorted(self.list(WORKER), key=lambda i: int(i.key) if i.key.isdigit() else -1):
+        for info in sorted(self.list(SLOT), key=lambda i: int(i.key) if i.key.isdigit() else -1):
             if not info.key.isdigit():
                 continue
             if self._alive(info, wait=False):  # a slot just taken by a starting worker is taken
                 taken.add(int(info.key))
                 continue
             self.reap(info)
-            if self.acquire(WORKER, info.key):
+            if self.acquire(SLOT, info.key):
                 return int(info.key)
         for k in range(max_slots):
-            if k not in taken and self.acquire(WORKER, str(k)):
+            if k not in taken and self.acquire(SLOT, str(k)):
                 return k
-        raise RuntimeError(f"no free worker slot among {max_slots} in study id {self.study_id}")
+        raise RuntimeError(f"no free slot among {max_slots} in study id {self.study_id}")
 
     # -- heartbeat -------------------------------------------------------------------------------
     def _start_heartbeat(self) -> None:

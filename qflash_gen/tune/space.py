@@ -12,7 +12,7 @@ a GPU's shared memory and applies the constraints:
   The space picks the narrowest width :func:`qflash_gen.config.fits` allows.  A grid may still
   list ``acc_bits`` explicitly; then configs that can overflow are infeasible.
 * **Shared memory.**  A lower-bound estimate (:func:`smem_estimate`) rejects configs that cannot
-  fit the GPU's per-block shared memory; anything the estimate misses fails at compile time in the
+  fit the GPU's per-block shared memory (``qflash_gen.gpu.smem_limit``); anything the estimate misses fails at compile time in the
   worker, which the tuner records as a failed trial.
 
 The numeric axes are presented to Optuna as two categorical parameters, ``exp`` (``shift``,
@@ -35,20 +35,6 @@ from qflash_gen.config import KernelConfig
 
 if TYPE_CHECKING:
     import optuna
-
-# Per-block shared memory (opt-in maximum, bytes) by GPU short name.  Used only to skip configs
-# that cannot possibly fit; an unknown GPU gets no limit (the compile in the worker decides).
-SMEM_LIMITS: dict[str, int] = {
-    **dict.fromkeys(("h100", "h100_pcie", "h100_nvl", "h200", "h200_nvl", "gh200", "h800", "h800_pcie", "h20"), 232448),
-    **dict.fromkeys(("b200", "gb200"), 232448),
-    **dict.fromkeys(("a100", "a100_40gb", "a100_pcie", "a100_pcie_40gb", "a30"), 166912),
-    **dict.fromkeys(
-        ("a10", "a10g", "a40", "rtx_a6000", "l4", "l40", "l40s", "rtx6000_ada", "rtx3090", "rtx4090"), 101376
-    ),
-    "rtx5090": 101376,
-    "t4": 65536,
-    "v100": 98304,
-}
 
 # Simplicity order of the numeric choices (ties within noise go to the simpler config).
 _EXP_RANK = {"shift": 0, "idiv": 1, "poly2": 2, "lut": 3}

@@ -5,14 +5,14 @@
   fsynced before the next one starts, so a killed run loses at most the trial in flight, and
   several processes on one host can share it (the file is locked per append).
 * ``--storage PATH`` (no ``://``): a journal file at PATH (one host: the lock is a local file).
-* ``--storage URL``: Optuna's RDB storage, for workers on many hosts.  ``postgresql://…``
+* ``--storage URL``: Optuna's RDB storage, for processes on many hosts.  ``postgresql://…``
   (driver: the optional extra ``qflash-gen[distributed]``, psycopg2-binary; psycopg 3 works too),
   ``mysql+pymysql://…`` or ``mysql://…`` (MySQL / MariaDB; bring the driver), ``sqlite:///…``
   (one host).  A plain ``postgresql://`` or ``mysql://`` URL uses whichever of SQLAlchemy's
   drivers is installed; ``postgres://`` is read as ``postgresql://``.
 
 Several processes share a study safely through any of these: see :mod:`.lease` for how they split
-the work and :mod:`.study` for the per-worker budget.
+the work and :mod:`.study` for the budget per slot.
 
 A killed run leaves its trial in flight RUNNING (Optuna's heartbeat only works inside
 ``Study.optimize``; the tuner uses ask/tell).  Each trial records its owner ``host:pid``, and
@@ -117,7 +117,7 @@ def _hint(url: str, exc: BaseException) -> str:
 
 
 def _open_rdb(url: str) -> optuna.storages.RDBStorage:
-    """Optuna's RDBStorage; retried when several workers create the tables of a new database at
+    """Optuna's RDBStorage; retried when several processes create the tables of a new database at
     the same moment (PostgreSQL then fails all but one with a unique-violation on its catalog)."""
     import sqlalchemy.exc
 
@@ -149,12 +149,21 @@ def _redact(url: str) -> str:
     return f"{scheme}{sep}{user}:***@{host}"
 
 
+def as_backend(storage: optuna.storages.BaseStorage | str) -> optuna.storages.BaseStorage:
+    """The storage itself: a URL or journal path is opened as ``--storage`` opens it (the installed
+    driver named, concurrent table creation retried); Optuna's cache layer is not needed here."""
+    if isinstance(storage, str):
+        return open_storage(storage)[0]
+    return storage
+
+
 def owner_tag() -> str:
     """``host:pid`` of this process, stored on each trial so a later run can tell whose it was."""
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Is process ``pid`` of this host still there (a process of another user counts as alive)?"""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -174,7 +183,7 @@ def fail_abandoned(study: optuna.Study) -> int:
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         owner = str(t.user_attrs.get("owner", ""))
         h, _, pid = owner.rpartition(":")
-        if h != host or not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+        if h != host or not pid.isdigit() or int(pid) == os.getpid() or pid_alive(int(pid)):
             continue
         try:
             study.tell(t.number, state=optuna.trial.TrialState.FAIL)

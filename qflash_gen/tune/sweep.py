@@ -15,7 +15,6 @@ rerun on the same file skips what is there, so an interrupted sweep resumes.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import random
@@ -25,7 +24,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from qflash_gen.config import KernelConfig
-from qflash_gen.tune.measure import GPUMeasurer, Measurement, Measurer, ShapeSpec
+from qflash_gen.tune.measure.base import Measurement, Measurer, ShapeSpec
+from qflash_gen.tune.measure.gpu import GPUMeasurer
 from qflash_gen.tune.space import Grid, SearchSpace
 from qflash_gen.tune.table import Table, TableWriter, read_table
 
@@ -230,13 +230,3 @@ def _describe(console, plan: Plan, record, n_done: int, compile_jobs: int) -> No
         f"({n_done} rows already in {record}); estimated {plan.estimate_s(compile_jobs) / 60:.1f} min "
         f"on an H100 with --compile-jobs {compile_jobs}"
     )
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python tools/sweep.py``: the exhaustive mode of ``qflash-tune`` with its own defaults."""
-    from qflash_gen.tune import cli
-
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--grid", default="sweep")
-    known, rest = parser.parse_known_args(argv)
-    return cli.main(["--exhaustive", "--grid", known.grid, *rest])

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from qflash_gen.config import KernelConfig
-from qflash_gen.tune.measure import Measurement, ShapeSpec
+from qflash_gen.tune.measure.base import Measurement, ShapeSpec
 
 COLUMNS: tuple[str, ...] = (
     "gpu",

@@ -2,7 +2,7 @@
 
 A candidate kernel can take the process down with it: an illegal memory access poisons the CUDA
 context for the rest of the process, a miscompiled loop can hang, a compile can abort.  So every
-candidate runs in a worker process (``python qflash_gen/tune/worker.py TARGET``) that the parent
+candidate runs in a worker process (``python qflash_gen/tune/measure/worker_main.py TARGET``) that the parent
 talks to over a pipe with one JSON object per line:
 
 * parent → worker: ``{"id": 7, "job": {...}}``
@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 STDERR_TAIL = 2000  # characters of a dead worker's stderr quoted in the error
-WORKER_SCRIPT = Path(__file__).with_name("worker.py")
-PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the directory holding qflash_gen/
+WORKER_SCRIPT = Path(__file__).with_name("worker_main.py")
+PACKAGE_ROOT = Path(__file__).resolve().parents[3]  # the directory holding qflash_gen/
 
 
 @dataclasses.dataclass(frozen=True)

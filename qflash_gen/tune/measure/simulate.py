@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from qflash_gen.config import KernelConfig
-from qflash_gen.tune.measure import Measurement, Measurer, ShapeSpec
+from qflash_gen.tune.measure.base import Measurement, Measurer, ShapeSpec
 from qflash_gen.tune.table import Table, read_table
 
 NOT_RECORDED = "not in the recorded table (outside the recorded grid, or not measurable)"

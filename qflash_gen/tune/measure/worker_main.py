@@ -1,4 +1,4 @@
-"""Worker process main: ``python .../qflash_gen/tune/worker.py TARGET`` (see :mod:`.isolate`).
+"""Worker process main: ``python .../qflash_gen/tune/measure/worker_main.py TARGET`` (see :mod:`.isolation`).
 
 Reads one JSON job per line on stdin, calls ``TARGET(job)``, answers one JSON line.  The
 protocol goes to a private duplicate of the original stdout; fd 1 itself is pointed at stderr so
@@ -20,7 +20,7 @@ import traceback
 from pathlib import Path
 
 if __name__ == "__main__" and sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    # Run as a script: its directory (qflash_gen/tune) must not shadow top-level module names.
+    # Run as a script: its directory (qflash_gen/tune/measure) must not shadow top-level module names.
     sys.path.pop(0)
 
 
@@ -50,7 +50,7 @@ def resolve_target(target: str):
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python worker.py module:function|/path/file.py:function", file=sys.stderr)
+        print("usage: python worker_main.py module:function|/path/file.py:function", file=sys.stderr)
         return 2
     proto_fd = os.dup(1)
     os.dup2(2, 1)  # stray prints (compilers, libraries) go to stderr, not into the protocol

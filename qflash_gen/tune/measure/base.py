@@ -1,10 +1,11 @@
-"""Measurement backends: one interface, a GPU implementation and a replay of recorded tables.
+"""The measurement contract: what a tuned shape is, what one measurement says, how it is taken.
 
-The tuner only ever asks ``measurer.measure(config, shape)``.  Behind it, :class:`GPUMeasurer`
-compiles and times the candidate in an isolated worker process (:mod:`.isolate`,
-:mod:`.gpu_worker`), and :class:`qflash_gen.tune.simulate.SimulatedMeasurer` looks the answer up
-in a table recorded on a real GPU (Kernel Tuner's simulation mode), so the search logic and the
-DB writing are tested on a CPU with real numbers.
+The tuner only ever asks ``measurer.measure(config, shape)``.  Behind it,
+:class:`qflash_gen.tune.measure.gpu.GPUMeasurer` compiles and times the candidate in an isolated
+worker process (:mod:`.isolation`, :mod:`.gpu_jobs`), and
+:class:`qflash_gen.tune.measure.simulate.SimulatedMeasurer` looks the answer up in a table
+recorded on a real GPU (Kernel Tuner's simulation mode), so the search logic and the DB writing
+are tested on a CPU with real numbers.
 
 Every measurement follows one recorded :class:`Protocol`: fresh random inputs, correctness
 against the bit-exact oracle before any timing (a wrong kernel is a failed trial, never a fast
@@ -14,18 +15,16 @@ one), SQNR against float64 attention, then the latency.
 from __future__ import annotations
 
 import abc
-import concurrent.futures
 import dataclasses
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from qflash_gen.config import KernelConfig
-from qflash_gen.tune.isolate import IsolatedRunner
+from qflash_gen.keys import DTYPE_NAMES, WorkloadKey, workload_key
 
-GPU_TARGET = "qflash_gen.tune.gpu_worker:run_job"
 ENERGY_FIELDS: tuple[str, ...] = ("energy_uj", "energy_spread_uj", "above_idle_uj", "idle_w")
-OUT_DTYPES: tuple[str, ...] = ("fp16", "bf16", "fp32", "int8")
+OUT_DTYPES: tuple[str, ...] = DTYPE_NAMES
 TIMINGS: tuple[str, ...] = ("do_bench", "cudagraph")
 
 
@@ -65,6 +64,11 @@ class ShapeSpec:
 
     def label(self) -> str:
         return f"{self.workload} b{self.batch}"
+
+    def key(self, dtype: str) -> WorkloadKey:
+        """The DB key of this launch for a workload dtype (``fp16``: fp16 in and out; ``int8``:
+        int8 in and out: a workload's kernel output has its dtype)."""
+        return workload_key(self.b, self.h, self.n, self.d, masked=self.masked, in_dtype=dtype, out_dtype=dtype)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -242,107 +246,3 @@ class Measurer(abc.ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-class GPUMeasurer(Measurer):
-    """Compile and time candidates on the local GPU, each in an isolated worker process.
-
-    Args:
-        gpu: the short GPU name the numbers are recorded under (checked by the caller).
-        protocol: how to measure.
-        timeout_s: limit for one candidate (compile + correctness + timing of all its shapes).
-        target: the worker function (tests substitute a fake one).
-        env: extra environment for the worker (``CUDA_VISIBLE_DEVICES`` for one GPU of many).
-    """
-
-    def __init__(
-        self,
-        gpu: str,
-        protocol: Protocol | None = None,
-        *,
-        timeout_s: float = 120.0,
-        target: str = GPU_TARGET,
-        env: Mapping[str, str] | None = None,
-    ) -> None:
-        self.gpu = gpu
-        self._protocol = protocol or Protocol()
-        self.timeout_s = timeout_s
-        self.target = target
-        self.env = dict(env or {})
-        self.runner = IsolatedRunner(target, timeout_s=timeout_s, env=self.env)
-        self._environment: dict[str, Any] | None = None
-
-    @property
-    def protocol(self) -> dict[str, Any]:
-        return self._protocol.to_dict()
-
-    @property
-    def provenance(self) -> dict[str, Any]:
-        return {"source": "measured", "environment": self.environment()}
-
-    def environment(self) -> dict[str, Any]:
-        """Device, driver and library versions, as the worker sees them (asked once)."""
-        if self._environment is None:
-            res = self.runner.run({"op": "environment"})
-            self._environment = res.result if res.ok and res.result else {"error": res.error}
-        return dict(self._environment)
-
-    def _job(self, config: KernelConfig, shapes: Sequence[ShapeSpec], op: str) -> dict[str, Any]:
-        return {
-            "op": op,
-            "config": config.to_dict(),
-            "shapes": [s.to_dict() for s in shapes],
-            "protocol": dataclasses.asdict(self._protocol),
-        }
-
-    def measure(self, config: KernelConfig, shape: ShapeSpec) -> Measurement:
-        return self.measure_many(config, [shape])[0]
-
-    def measure_many(self, config: KernelConfig, shapes: Sequence[ShapeSpec]) -> list[Measurement]:
-        res = self.runner.run(self._job(config, shapes, "measure"))
-        if not res.ok or not res.result:
-            return [Measurement.failed(res.error or "worker returned nothing") for _ in shapes]
-        got = res.result.get("measurements") or []
-        if len(got) != len(shapes):
-            return [Measurement.failed(f"worker returned {len(got)} results for {len(shapes)} shapes") for _ in shapes]
-        return [Measurement.from_dict(m) for m in got]
-
-    def precompile(
-        self,
-        items: Sequence[tuple[KernelConfig, Sequence[ShapeSpec]]],
-        jobs: int,
-        progress: Callable[[KernelConfig, str | None], None] | None = None,
-    ) -> dict[str, str]:
-        """Compile ``items`` in ``jobs`` parallel workers so the timed worker finds every binary in
-        Triton's on-disk cache (a compile costs ~1-2 s of CPU; the timing ~0.1 s of GPU).
-
-        Returns ``{config hash: error}`` for those that failed to compile (they fail again, and
-        are recorded, when measured)."""
-        errors: dict[str, str] = {}
-        if not items or jobs < 1:
-            return errors
-        runners = [IsolatedRunner(self.target, timeout_s=self.timeout_s, env=self.env) for _ in range(jobs)]
-        free = list(runners)
-
-        def work(item: tuple[KernelConfig, Sequence[ShapeSpec]]) -> tuple[KernelConfig, str | None]:
-            runner = free.pop()
-            try:
-                res = runner.run(self._job(item[0], item[1], "compile"))
-                return item[0], None if res.ok else res.error
-            finally:
-                free.append(runner)
-
-        try:
-            with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-                for config, error in pool.map(work, items):
-                    if error:
-                        errors[config.hash] = error
-                    if progress is not None:
-                        progress(config, error)
-        finally:
-            for r in runners:
-                r.close()
-        return errors
-
-    def close(self) -> None:
-        self.runner.close()

@@ -1,4 +1,4 @@
-"""The worker-side measurement: runs inside the isolated worker process (see :mod:`.isolate`).
+"""The job code: what the isolated worker process runs for each candidate (see :mod:`.isolation`).
 
 ``run_job(job)`` handles three ops:
 
@@ -32,11 +32,11 @@ from typing import Any
 
 import torch
 
-from qflash_gen import codegen, quant, reference, runtime
+from qflash_gen import checks, codegen, launch, quant, reference
 from qflash_gen.config import KernelConfig
-from qflash_gen.tune.measure import Measurement, Protocol, ShapeSpec
+from qflash_gen.keys import torch_dtype
+from qflash_gen.tune.measure.base import Measurement, Protocol, ShapeSpec
 
-_TORCH_DTYPES = {"int8": torch.int8, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _FATAL_MARKERS = (
     "illegal memory access",
     "unspecified launch failure",
@@ -50,8 +50,13 @@ _inputs_cache: dict[tuple, dict[str, Any]] = {}
 _energy_meters: dict[tuple, Any] = {}  # (min_s, repeats) -> EnergyMeter on this worker's GPU (opened once)
 
 
+def forget_energy_meters() -> None:
+    """Drop the energy meters opened so far (the next energy job opens its counter again)."""
+    _energy_meters.clear()
+
+
 class WorkerFatal(RuntimeError):
-    """This process's CUDA context is unusable: the worker must be replaced (see worker.py)."""
+    """This process's CUDA context is unusable: the worker must be replaced (see worker_main.py)."""
 
     fatal = True
 
@@ -123,7 +128,7 @@ def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> tuple[bool, int]:
 
 
 def _launch(cfg: KernelConfig, x: dict[str, Any], out: torch.Tensor) -> torch.Tensor:
-    return runtime.launch(cfg, x["q8"], x["k8"], x["v8"], x["params"], bias=x["bias"], out=out, out_dtype=out.dtype)
+    return launch.launch(cfg, x["q8"], x["k8"], x["v8"], x["params"], bias=x["bias"], out=out, out_dtype=out.dtype)
 
 
 def _sync(device: torch.device) -> None:
@@ -181,12 +186,12 @@ def _time(fn, protocol: Protocol, device: torch.device) -> tuple[float, float]:
 def measure_one(cfg: KernelConfig, shape: ShapeSpec, protocol: Protocol) -> Measurement:
     """Correctness, SQNR and latency of one config on one shape (see the module doc)."""
     device = _device()
-    if device.type == "cpu" and not runtime.interpreter_active():
+    if device.type == "cpu" and not checks.interpreter_active():
         return Measurement.failed("no CUDA device and TRITON_INTERPRET is not set")
     try:
         x = _inputs(shape, protocol.seed, device)
         b, h, n, d = shape.shape
-        out_dtype = _TORCH_DTYPES[protocol.out_dtype]
+        out_dtype = torch_dtype(protocol.out_dtype)
         out = torch.empty((b, h, n, d), dtype=out_dtype, device=device)
         _launch(cfg, x, out)  # compiles (or loads from Triton's cache) and runs
         _sync(device)
@@ -244,7 +249,7 @@ def add_energy(
         works = {}
         for i in todo:
             x = _inputs(shapes[i], protocol.seed, device)
-            out = torch.empty(shapes[i].shape, dtype=_TORCH_DTYPES[protocol.out_dtype], device=device)
+            out = torch.empty(shapes[i].shape, dtype=torch_dtype(protocol.out_dtype), device=device)
             works[str(i)] = energy.GraphWork(lambda x=x, out=out: _launch(cfg, x, out))
         got = meter.measure_many(works)
     except (energy.EnergyUnavailable, energy.EnergyError) as exc:
@@ -273,7 +278,7 @@ def compile_one(cfg: KernelConfig, shapes: list[ShapeSpec], protocol: Protocol) 
     The small instance keeps what Triton specializes on (strides, H, the output dtype; batch 2
     keeps a broadcast bias's zero batch stride), so the timed worker hits the same cache entry."""
     device = _device()
-    dtypes = [_TORCH_DTYPES[protocol.out_dtype]]
+    dtypes = [torch_dtype(protocol.out_dtype)]
     if protocol.out_dtype == "int8":
         dtypes.append(torch.float16)  # an int8 measurement also launches fp16 out for the SQNR
     done = set()
@@ -294,7 +299,7 @@ def environment() -> dict[str, Any]:
     """What produced the numbers: device, driver, CUDA, torch, Triton, template."""
     import triton
 
-    from qflash_gen import __version__
+    from qflash_gen.version import __version__
 
     env: dict[str, Any] = {
         "torch": torch.__version__,
@@ -330,7 +335,7 @@ def environment() -> dict[str, Any]:
 
 
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
-    """The worker target (``qflash_gen.tune.gpu_worker:run_job``)."""
+    """The worker target (``qflash_gen.tune.measure.gpu_jobs:run_job``)."""
     op = job.get("op", "measure")
     if op == "environment":
         return environment()

@@ -1,0 +1,123 @@
+"""Measuring on the GPU of this machine: each candidate runs in a worker process.
+
+:class:`GPUMeasurer` sends each candidate as a job to a worker subprocess (:mod:`.isolation`)
+whose job code is :mod:`.gpu_jobs`: a crash, a hang or a poisoned CUDA context fails that trial
+only.  This module itself imports neither torch nor optuna.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from qflash_gen.config import KernelConfig
+from qflash_gen.tune.measure.base import Measurement, Measurer, Protocol, ShapeSpec
+from qflash_gen.tune.measure.isolation import IsolatedRunner
+
+GPU_TARGET = "qflash_gen.tune.measure.gpu_jobs:run_job"
+
+
+class GPUMeasurer(Measurer):
+    """Compile and time candidates on the local GPU, each in an isolated worker process.
+
+    Args:
+        gpu: the short GPU name the numbers are recorded under (checked by the caller).
+        protocol: how to measure.
+        timeout_s: limit for one candidate (compile + correctness + timing of all its shapes).
+        target: the worker function (tests substitute a fake one).
+        env: extra environment for the worker (``CUDA_VISIBLE_DEVICES`` for one GPU of many).
+    """
+
+    def __init__(
+        self,
+        gpu: str,
+        protocol: Protocol | None = None,
+        *,
+        timeout_s: float = 120.0,
+        target: str = GPU_TARGET,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.gpu = gpu
+        self._protocol = protocol or Protocol()
+        self.timeout_s = timeout_s
+        self.target = target
+        self.env = dict(env or {})
+        self.runner = IsolatedRunner(target, timeout_s=timeout_s, env=self.env)
+        self._environment: dict[str, Any] | None = None
+
+    @property
+    def protocol(self) -> dict[str, Any]:
+        return self._protocol.to_dict()
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        return {"source": "measured", "environment": self.environment()}
+
+    def environment(self) -> dict[str, Any]:
+        """Device, driver and library versions, as the worker sees them (asked once)."""
+        if self._environment is None:
+            res = self.runner.run({"op": "environment"})
+            self._environment = res.result if res.ok and res.result else {"error": res.error}
+        return dict(self._environment)
+
+    def _job(self, config: KernelConfig, shapes: Sequence[ShapeSpec], op: str) -> dict[str, Any]:
+        return {
+            "op": op,
+            "config": config.to_dict(),
+            "shapes": [s.to_dict() for s in shapes],
+            "protocol": dataclasses.asdict(self._protocol),
+        }
+
+    def measure(self, config: KernelConfig, shape: ShapeSpec) -> Measurement:
+        return self.measure_many(config, [shape])[0]
+
+    def measure_many(self, config: KernelConfig, shapes: Sequence[ShapeSpec]) -> list[Measurement]:
+        res = self.runner.run(self._job(config, shapes, "measure"))
+        if not res.ok or not res.result:
+            return [Measurement.failed(res.error or "worker returned nothing") for _ in shapes]
+        got = res.result.get("measurements") or []
+        if len(got) != len(shapes):
+            return [Measurement.failed(f"worker returned {len(got)} results for {len(shapes)} shapes") for _ in shapes]
+        return [Measurement.from_dict(m) for m in got]
+
+    def precompile(
+        self,
+        items: Sequence[tuple[KernelConfig, Sequence[ShapeSpec]]],
+        jobs: int,
+        progress: Callable[[KernelConfig, str | None], None] | None = None,
+    ) -> dict[str, str]:
+        """Compile ``items`` in ``jobs`` parallel workers so the timed worker finds every binary in
+        Triton's on-disk cache (a compile costs ~1-2 s of CPU; the timing ~0.1 s of GPU).
+
+        Returns ``{config hash: error}`` for those that failed to compile (they fail again, and
+        are recorded, when measured)."""
+        errors: dict[str, str] = {}
+        if not items or jobs < 1:
+            return errors
+        runners = [IsolatedRunner(self.target, timeout_s=self.timeout_s, env=self.env) for _ in range(jobs)]
+        free = list(runners)
+
+        def work(item: tuple[KernelConfig, Sequence[ShapeSpec]]) -> tuple[KernelConfig, str | None]:
+            runner = free.pop()
+            try:
+                res = runner.run(self._job(item[0], item[1], "compile"))
+                return item[0], None if res.ok else res.error
+            finally:
+                free.append(runner)
+
+        try:
+            with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+                for config, error in pool.map(work, items):
+                    if error:
+                        errors[config.hash] = error
+                    if progress is not None:
+                        progress(config, error)
+        finally:
+            for r in runners:
+                r.close()
+        return errors
+
+    def close(self) -> None:
+        self.runner.close()

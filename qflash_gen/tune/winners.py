@@ -1,0 +1,232 @@
+"""Writing a run's winners: one DB entry per study (with its evidence), and Pareto fronts.
+
+Each entry's protocol carries the provenance (measured, or simulated from which table and its
+sha256), the tuner settings and the workload.  The write goes through the study's turn
+(:mod:`.db_turn`: the last slot to finish writes, once) and ``db.write_entries`` (atomic, locked;
+a worse result never replaces a better one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qflash_gen import db
+from qflash_gen.codegen import atomic_write
+from qflash_gen.config import KernelConfig
+from qflash_gen.tune import db_turn, objective
+from qflash_gen.tune.measure.base import ShapeSpec
+from qflash_gen.tune.plan import db_file
+from qflash_gen.tune.setup import tuner_settings
+
+
+def entry_software(environment: Mapping[str, Any], space_hash: str) -> dict[str, str | None]:
+    """Entry software fingerprint: the measuring machine's (a recorded table's environment, or this
+    process when it measured live)."""
+    if not environment or environment.get("triton") is None:
+        return db.running_software(space_hash)
+    return {
+        "triton": environment.get("triton"),
+        "torch": environment.get("torch"),
+        "cuda": environment.get("cuda"),
+        "template_hash": environment.get("template_sha256"),
+        "search_space_hash": space_hash,
+        "qflash_gen": environment.get("qflash_gen"),
+    }
+
+
+def plain(value: Any) -> Any:
+    """YAML-safe copy (str keys, plain scalars, lists)."""
+    """YAML-safe copy (str keys, plain scalars, lists)."""
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class BestResult:
+    """What goes into one DB entry (filled by the CLI from a study's pick)."""
+
+    shape: ShapeSpec
+    dtype: str
+    config: KernelConfig
+    latency_us: float
+    spread_us: float
+    sqnr_db: float
+    trials: int
+    protocol: Mapping[str, Any]
+    environment: Mapping[str, Any]
+    space_hash: str
+    measured_on_device: str | None = None  # default: the environment's device name
+    energy_uj: float | None = None  # µJ per call where the measurer recorded energy (Entry.energy_uj)
+
+
+def write_best(target: str | os.PathLike[str] | None, gpu_name: str, results: Sequence[BestResult]) -> db.WriteReport:
+    """Merge the picks into ``<db>/<gpu>.yaml`` (atomic, locked; a worse result never replaces a
+    better one).  Each entry's protocol carries the provenance (measured or simulated from which
+    table), the tuner settings and the workload."""
+    path = db_file(target, gpu_name)
+    entries = []
+    for r in results:
+        device = r.measured_on_device or (r.environment.get("device") if r.environment else None)
+        entries.append(
+            db.Entry(
+                key=r.shape.key(r.dtype),
+                config=r.config,
+                latency_us=float(r.latency_us),
+                latency_spread_us=float(r.spread_us),
+                sqnr_db=float(r.sqnr_db),
+                trials=int(r.trials),
+                protocol=plain(r.protocol),
+                measured_on_device=str(device) if device else None,
+                energy_uj=None if r.energy_uj is None else float(r.energy_uj),
+                software=entry_software(r.environment, r.space_hash),
+            )
+        )
+    return db.write_entries(path, entries, gpu=gpu_name)
+
+
+def write_front(
+    target: str | os.PathLike[str] | None, gpu_name: str, shape: ShapeSpec, dtype: str, front: list[dict[str, Any]]
+) -> Path:
+    """Store a Pareto front next to the DB: ``<db dir>/fronts/<gpu>/<key>.yaml`` (atomic)."""
+    key = shape.key(dtype).to_str()
+    path = db_file(target, gpu_name).parent / "fronts" / gpu_name / f"{key}.yaml"
+    text = yaml.safe_dump(
+        {"gpu": gpu_name, "key": key, "workload": shape.workload, "batch": shape.batch, "front": plain(front)},
+        sort_keys=False,
+    )
+    return atomic_write(path, text)
+
+
+def measured_on_device(best: Any, environment: dict) -> str | None:
+    """What the DB records as the GPU that measured the winner: the device name, and with
+    ``--devices`` (or a farm) which GPU of which host."""
+    by = dict(best.measured_by or {})
+    name = by.get("device_name") or environment.get("device")
+    if name and by.get("device"):
+        return f"{name} ({by['device']} on {by.get('host')})"
+    return str(name) if name else None
+
+
+def best_result(args: argparse.Namespace, r: Any, space: Any, dtype: str, record: dict, storage_desc: str):
+    m = r.best.measurement
+    provenance = dict(record.get("provenance") or {})
+    environment = dict(provenance.get("environment") or {})
+    protocol = {
+        **dict(record.get("protocol") or {}),
+        **{k: v for k, v in provenance.items() if k != "environment"},
+        "workload": r.shape.workload,
+        "batch": r.shape.batch,
+        "shape": list(r.shape.shape),
+        "tuner": {
+            **tuner_settings(args),
+            **dict(record.get("tuner") or {}),  # as the workers ran it (an --export may say otherwise)
+            "study": r.study_name,
+            "storage": storage_desc,
+            "space_size": r.space_size,
+            "measured": r.n_measured,
+            "workers": {str(k): v for k, v in r.by_slot.items()},
+            "measured_by": dict(r.best.measured_by or {}),
+            "tie_rule": ("least energy" if args.objective == "energy" else "fastest")
+            + " feasible; a simpler config within max(1%, mean spread), <= 2%, wins",
+        },
+    }
+    return BestResult(
+        shape=r.shape,
+        dtype=dtype,
+        config=r.best.config,
+        latency_us=m.latency_us,
+        spread_us=m.spread_us or 0.0,
+        sqnr_db=m.sqnr_db,
+        trials=max(1, r.n_measured),
+        protocol=protocol,
+        environment=environment,
+        space_hash=space.hash,
+        measured_on_device=measured_on_device(r.best, environment),
+        energy_uj=m.energy_uj,
+    )
+
+
+def write_winners(
+    args: argparse.Namespace,
+    gpu: str,
+    dtype: str,
+    results: list,
+    records: dict,
+    storage: Any,
+    storage_desc: str,
+    err: Any,
+    *,
+    force: bool = False,
+) -> tuple[Any, list, list[str], list]:
+    """Write the winners this process has the turn for (:func:`study.claim_db_write`).
+
+    Returns ``(report, fronts, notes, results)`` with the results refreshed from storage where
+    this process wrote them (they then hold every slot's trials)."""
+    from rich.markup import escape
+
+    turns, notes, fresh = [], [], []
+    for r, space in results:
+        if r.best is None:
+            fresh.append((r, space))
+            continue
+        turn, why = db_turn.claim_db_write(
+            storage, r.study_name, r.shape, space, objective=args.objective, sqnr_floor=args.sqnr_floor, force=force
+        )
+        if turn is None:
+            notes.append(f"{r.shape.label()}: DB entry not written by this worker: {why}")
+            fresh.append((r, space))
+            continue
+        turns.append((turn, space))
+        # the study as stored now (every slot's trials), with this process's own counts kept
+        fresh.append((dataclasses.replace(turn.result, slot=r.slot, new_measurements=r.new_measurements), space))
+    report, fronts = None, []
+    if not turns:
+        return report, fronts, notes, fresh
+    best = [
+        best_result(args, t.result, space, dtype, records[t.result.study_name], storage_desc)
+        for t, space in turns
+        if t.result.best is not None
+    ]
+    try:
+        report = write_best(args.db, gpu, best) if best else None
+        if report is not None and report.kept and args.objective == "energy":
+            notes.append(
+                "energy: the DB keeps the faster of two entries for a key, so these least-energy picks did not "
+                "replace faster stored ones; give energy tuning its own --db"
+            )
+        if objective.is_pareto(args.objective):
+            for t, _ in turns:
+                front = [
+                    {
+                        "config": x.config.to_dict(),
+                        "latency_us": x.latency_us,
+                        **({"energy_uj": x.energy_uj} if x.energy_uj is not None else {}),
+                        "sqnr_db": x.sqnr_db,
+                        "trial": x.number,
+                    }
+                    for x in t.result.front
+                ]
+                if front:
+                    fronts.append(write_front(args.db, gpu, t.result.shape, dtype, front))
+    except ValueError as exc:  # includes db.DBError: a corrupt or foreign DB file (file:line)
+        for t, _ in turns:
+            t.cancel()
+        err.print(
+            f"[red]{escape(f'qflash-tune: DB not written: {exc}')}[/] (the studies keep every trial; rerun to retry)"
+        )
+        return None, [], notes, fresh
+    for t, _ in turns:
+        t.done(db=str(report.path) if report is not None else None, device=args.device_label)
+    return report, fronts, notes, fresh
