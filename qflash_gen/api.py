@@ -12,11 +12,11 @@ import contextlib
 
 import torch
 
-from qflash_gen import checks, launch, quant, quant_kernels, reference
+from qflash_gen import checks, codegen, launch, quant, quant_kernels, reference
 from qflash_gen.config import KernelConfig, check_workload, default_config
 from qflash_gen.kernel import config_for_call
 
-__all__ = ["attention", "attention_int8", "resolve_config"]
+__all__ = ["attention", "attention_int8", "output_like", "resolve_config", "run"]
 
 
 def resolve_config(
@@ -44,8 +44,9 @@ def resolve_config(
 
 
 def run(config, q8, k8, v8, params, bias, out_dtype, backend, out=None) -> torch.Tensor:
-    """Checked int8 inputs and their constants through ``backend``: the kernel (on CUDA, or on CPU
-    through Triton's interpreter) or the integer oracle.  ``out`` receives the result if given."""
+    """Checked int8 inputs and their scales through ``backend``: the kernel (on CUDA, or on CPU
+    through Triton's interpreter) or the integer oracle.  ``bias``: the float32 additive bias
+    (``quant.additive_bias``) or None.  ``out`` receives the result if given (any strides)."""
     if backend == "reference":
         result = reference.reference_int8(q8, k8, v8, params, config, bias=bias, out_dtype=out_dtype)
         return result if out is None else out.copy_(result)
@@ -55,12 +56,23 @@ def run(config, q8, k8, v8, params, bias, out_dtype, backend, out=None) -> torch
             "kernel on CPU through Triton's interpreter, or use backend='reference'"
         )
     with on_device(q8.device):
-        return launch.launch(config, q8, k8, v8, params, bias=bias, out=out, out_dtype=out_dtype)
+        return launch.launch_fast(codegen.load(config), config, q8, k8, v8, params, bias, out, out_dtype)
 
 
 def on_device(device: torch.device):
     """``torch.cuda.device(device)`` for a CUDA device, else a no-op context."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    if device.type != "cuda" or torch.cuda.device_count() < 2:
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
+
+
+def output_like(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A (B, H, N, D) output for ``q``, laid out (B, N, H, D) in memory (as SDPA's flash backend
+    lays out its output): ``out.transpose(1, 2).reshape(B, N, H * D)``, what a model does next, is
+    then a view, not a copy.  The layout does not depend on q's strides, so a traced graph (the
+    ops' fake implementations) knows it in advance."""
+    b, h, n, d = q.shape
+    return torch.empty((b, n, h, d), dtype=dtype, device=q.device).permute(0, 2, 1, 3)
 
 
 def attention_int8(
@@ -76,24 +88,25 @@ def attention_int8(
     out_dtype: torch.dtype = torch.int8,
     backend: str = "triton",
 ) -> torch.Tensor:
-    """Integer attention on int8 (B, H, N, D) tensors with per-tensor scales ``(sq, sk, sv)``.
+    """Integer attention on int8 (B, H, N, D) tensors with scales ``(sq, sk, sv)``.
 
-    Returns int8 at scale sv (``out_dtype=torch.int8``) or a float dtype (the value times sv).
-    Scales may be Python floats or 0-d device tensors (no host sync either way)."""
+    Each scale is a Python float (finite, > 0: anything else is a ValueError) or a float tensor
+    broadcastable to (B, H): 0-d for one scale per tensor, (H,) per head, (B, H) per (batch, head)
+    (device tensors are not read on the host, so no check and no sync: a scale <= 0, NaN or inf
+    there gives meaningless output, see ``quant.make_params``).  A ``quant.KernelParams`` (as
+    ``quant_kernels.quantize_heads`` returns) is accepted too.  Returns int8 at scale sv
+    (``out_dtype=torch.int8``) or a float dtype (the value times sv)."""
     checks.check_backend(backend)
     checks.check_qkv(q8, k8, v8, (torch.int8,), "attention_int8")
     if out_dtype not in checks.OUT_DTYPES:
         raise ValueError(f"out_dtype={out_dtype} is not supported; supported: {checks.OUT_DTYPES}")
-    if not isinstance(scales, (tuple, list)) or len(scales) != 3:
-        raise ValueError("scales must be a tuple (sq, sk, sv) of floats or 0-d tensors")
-    checks.check_float_bias(attn_mask, float_bias, q8.shape, q8.device)
     b, h, n, d = q8.shape
+    params = quant.params_of(scales, d, scale, q8.device, (b, h))
+    checks.check_float_bias(attn_mask, float_bias, q8.shape, q8.device)
     if q8.numel() == 0:
         return torch.empty(q8.shape, dtype=out_dtype, device=q8.device)
-    masked = attn_mask is not None or float_bias is not None
-    cfg = resolve_config(config, n, d, q=q8, masked=masked, out_dtype=out_dtype)
-    params = quant.make_params(*scales, head_dim=d, scale=scale, device=q8.device)
-    bias = quant.bias_to_int(attn_mask, params, float_bias=float_bias)
+    bias = quant.additive_bias(attn_mask, float_bias)
+    cfg = resolve_config(config, n, d, q=q8, masked=bias is not None, out_dtype=out_dtype)
     return run(cfg, q8, k8, v8, params, bias, out_dtype, backend)
 
 
@@ -108,38 +121,45 @@ def attention(
     config: KernelConfig | None = None,
     backend: str = "triton",
     check_finite: bool = False,
+    smooth_k: bool = True,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """softmax(scale * q k^T + mask) v with int8 Q K^T, integer softmax and int8 P V.
 
-    q, k, v: float16/bfloat16/float32 (B, H, N, D), D in SUPPORTED_HEAD_DIMS; the result has the
-    input dtype.  attn_mask follows SDPA (bool: True = attend; float: added to the logits) and
-    ``float_bias`` adds a float bias on top of a bool mask (Swin).  Per-tensor scales are
-    computed on the device (no host sync).  Non-finite inputs: with ``check_finite=True`` a
-    ValueError (this syncs); otherwise NaN quantizes to 0 and +-Inf to +-127 of a scale taken
-    from the finite values.  Fully masked rows give 0."""
+    q, k, v: float16/bfloat16/float32 (B, H, N, D) of any strides (e.g. views of a packed qkv
+    projection), D in SUPPORTED_HEAD_DIMS; the result has the input dtype (laid out (B, N, H, D)
+    in memory: ``output_like``).  attn_mask follows SDPA (bool: True = attend; float:
+    added to the logits) and ``float_bias`` adds a float bias on top of a bool mask (Swin).  One
+    scale per (batch, head) and tensor, computed on the device (no host sync), k first smoothed by
+    its per-channel mean (``smooth_k``; exact for softmax): two launches, the quantizer
+    (``quant_kernels.quantize_heads``) and the kernel.  Non-finite inputs: with
+    ``check_finite=True`` a ValueError (this syncs); otherwise NaN quantizes to 0 and +-Inf to
+    +-127 of a scale taken from the finite values.  Fully masked rows give 0.  ``out`` (optional,
+    q's shape and dtype, any strides) receives the result."""
     checks.check_backend(backend)
     checks.check_qkv(q, k, v, checks.FLOAT_DTYPES, "attention")
-    if scale is not None and not isinstance(scale, (int, float)):
-        raise ValueError(f"scale must be a float or None, got {type(scale).__name__}")
+    c_log2e = quant.softmax_constant(q.shape[-1], scale)  # checks scale
+    del c_log2e
     checks.check_float_bias(attn_mask, float_bias, q.shape, q.device)
+    if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device):
+        raise ValueError(f"out must be a {tuple(q.shape)} {q.dtype} tensor on {q.device}")
     if q.numel() == 0:
-        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        return torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
     if check_finite:
         for name, t in (("q", q), ("k", k), ("v", v)):
             if not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{name} contains NaN or Inf")
     n, d = q.shape[2], q.shape[3]
-    masked = attn_mask is not None or float_bias is not None
-    if backend == "triton" and quant_kernels.supported(q, k, v) and (q.is_cuda or checks.interpreter_active()):
-        # Fused: two launches quantize q, k, v and write the kernel constants (same bits as below).
-        cfg = resolve_config(config, n, d, q=q, masked=masked, out_dtype=q.dtype)
-        (q8, k8, v8), _, params = quant_kernels.quantize_qkv(q, k, v, d, scale)
-        bias = quant.bias_to_int(attn_mask, params, float_bias=float_bias)
-        return run(cfg, q8, k8, v8, params, bias, q.dtype, backend)
-    sq, sk, sv = (quant.dynamic_scale(t) for t in (q, k, v))
-    q8, k8, v8 = quant.quantize(q, sq), quant.quantize(k, sk), quant.quantize(v, sv)
-    return attention_int8(
-        q8, k8, v8, (sq, sk, sv), attn_mask, scale,
-        float_bias=float_bias, out_dtype=q.dtype, backend=backend,
-        config=resolve_config(config, n, d, q=q, masked=masked, out_dtype=q.dtype),
-    )  # fmt: skip
+    bias = quant.additive_bias(attn_mask, float_bias)
+    cfg = resolve_config(config, n, d, q=q, masked=bias is not None, out_dtype=q.dtype)
+    if backend == "reference":
+        q8, k8, v8, params = quant.quantize_dynamic(q, k, v, d, scale, smooth=smooth_k)
+        return run(cfg, q8, k8, v8, params, bias, q.dtype, backend, out=out)
+    if not (q.is_cuda or checks.interpreter_active()):
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (got {q.device}); set TRITON_INTERPRET=1 to run the "
+            "kernel on CPU through Triton's interpreter, or use backend='reference'"
+        )
+    with on_device(q.device):
+        q8, k8, v8, params = quant_kernels.quantize_heads(q, k, v, scale, smooth=smooth_k)
+        return run(cfg, q8, k8, v8, params, bias, q.dtype, backend, out=output_like(q, q.dtype) if out is None else out)

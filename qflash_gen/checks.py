@@ -27,6 +27,7 @@ __all__ = [
     "check_mask",
     "check_qkv",
     "interpreter_active",
+    "mask_fits",
 ]
 
 
@@ -63,7 +64,8 @@ def check_qkv(q, k, v, allowed: tuple[torch.dtype, ...], what: str) -> None:
 
 def check_mask(mask, name: str, shape, device) -> None:
     """An SDPA-style mask or bias: None, or a bool / floating tensor on ``device`` that broadcasts
-    to (B, H, N, N) for q's ``shape``."""
+    to (B, H, N, N) for q's ``shape``; its batch axis may also be a divisor Z of B, batch z then
+    reading row z % Z (Swin: the window index of z = image * Z + window)."""
     if mask is None:
         return
     if not isinstance(mask, torch.Tensor):
@@ -73,13 +75,27 @@ def check_mask(mask, name: str, shape, device) -> None:
     if mask.device != device:
         raise ValueError(f"{name} is on {mask.device} but q is on {device}")
     b, h, n, _ = shape
+    if not mask_fits(tuple(mask.shape), (b, h, n)):
+        raise ValueError(
+            f"{name} of shape {tuple(mask.shape)} does not broadcast to (B, H, N, N) = {(b, h, n, n)} "
+            "(nor has a batch axis dividing B)"
+        )
+
+
+def mask_fits(mask_shape: tuple[int, ...], bhn: tuple[int, int, int]) -> bool:
+    """Whether a mask of ``mask_shape`` applies to a (B, H, N) call: rank <= 4, broadcastable to
+    (Z, H, N, N) with Z = 1, B, or a divisor of B."""
+    b, h, n = bhn
+    if len(mask_shape) > 4:
+        return False
+    full = (1,) * (4 - len(mask_shape)) + tuple(mask_shape)
+    z = full[0]
+    if z < 1 or b % z:
+        return False
     try:
-        torch.broadcast_shapes(mask.shape, (b, h, n, n))
-        ok = mask.dim() <= 4 and torch.broadcast_shapes(mask.shape, (b, h, n, n)) == (b, h, n, n)
+        return torch.broadcast_shapes(full[1:], (h, n, n)) == (h, n, n)
     except RuntimeError:
-        ok = False
-    if not ok:
-        raise ValueError(f"{name} of shape {tuple(mask.shape)} does not broadcast to (B, H, N, N) = {(b, h, n, n)}")
+        return False
 
 
 def check_float_bias(attn_mask, float_bias, shape, device) -> None:

@@ -27,6 +27,7 @@ constants on first use.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -127,19 +128,22 @@ class Kernel:
         out_dtype: torch.dtype | None = None,
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Attention on int8 (B, H, N, D) tensors with per-tensor scales ``(sq, sk, sv)``, or on
+        """Attention on int8 (B, H, N, D) tensors with scales ``(sq, sk, sv)``, or on
         float16/bfloat16/float32 tensors with static (calibrated) scales ``(sq, sk, sv)``.
 
-        Same meaning as ``qflash_gen.attention_int8`` (``scale``: softmax scale, default 1/sqrt(D);
+        Same meaning as ``qflash_gen.attention_int8`` (scales: Python floats, float tensors
+        broadcastable to (B, H) (per tensor, per head, per (batch, head)), or a
+        ``quant.KernelParams``; ``scale``: softmax scale, default 1/sqrt(D);
         ``attn_mask``/``float_bias``: SDPA-style bias), with this kernel's config.  N and D must be
-        the key's; any B and H work.  ``out`` (optional) receives the result, e.g. a static
-        buffer for CUDA-graph capture.  Scales may be Python floats (their kernel constants are
-        cached) or 0-d device tensors (computed on the device each call); no host sync either way.
-        ``out_dtype`` defaults to int8 for int8 inputs and to the input dtype for float inputs.
+        the key's; any B and H work.  ``out`` (optional, any strides) receives the result, e.g. a
+        static buffer for CUDA-graph capture.  Python-float scales are checked and their table is
+        cached; device tensors are used as they are (no host sync either way).  ``out_dtype``
+        defaults to int8 for int8 inputs and to the input dtype for float inputs.
 
         Float inputs are quantized at the given scales exactly as ``quant.quantize`` does (the
-        oracle is ``quant.quantize`` of each, then this call on int8), inside the kernel as it
-        loads them: one launch.
+        oracle is ``quant.quantize_groups`` of each, then this call on int8): inside the kernel's
+        loads where one query block covers N, else by the one-launch quantizer first
+        (``launch.launch_static``).
         """
         try:
             shape = q8.shape
@@ -172,48 +176,36 @@ class Kernel:
             raise ValueError(f"out_dtype={out_dtype} is not supported; supported: {checks.OUT_DTYPES}")
         if out is not None:
             self._check_out(out, shape, out_dtype, device)
-        params = self.params_for(scales, scale, device)
+        params = self.params_for(scales, scale, device, (shape[0], shape[1]))
         bias = None
         if attn_mask is not None or float_bias is not None:
-            bias = self._bias(attn_mask, float_bias, params, shape, device)
+            checks.check_float_bias(attn_mask, float_bias, shape, device)
+            bias = quant.additive_bias(attn_mask, float_bias)
         module = self._module if self._module is not None else self.module
-        if in_dtype is not _INT8:
-            if _multi_gpu() and device.type == "cuda" and device.index != torch.cuda.current_device():
-                with torch.cuda.device(device):
-                    return launch.launch_static(module, self.config, q8, k8, v8, params, bias, out, out_dtype)
-            fast_ok = device.type == "cuda"
-            return launch.launch_static(module, self.config, q8, k8, v8, params, bias, out, out_dtype, fast=fast_ok)
-        if device.type == "cuda":
-            if _multi_gpu() and device.index != torch.cuda.current_device():
-                with torch.cuda.device(device):
-                    return launch.launch_module(module, self.config, q8, k8, v8, params, bias, out, out_dtype)
-            if bias is None:
-                return launch.launch_fast(module, self.config, q8, k8, v8, params, out, out_dtype)
-        return launch.launch_module(module, self.config, q8, k8, v8, params, bias, out, out_dtype)
+        on_other_gpu = _multi_gpu() and device.type == "cuda" and device.index != torch.cuda.current_device()
+        with torch.cuda.device(device) if on_other_gpu else contextlib.nullcontext():
+            if in_dtype is not _INT8:
+                return launch.launch_static(module, self.config, q8, k8, v8, params, bias, out, out_dtype, fast=True)
+            return launch.launch_fast(module, self.config, q8, k8, v8, params, bias, out, out_dtype)
 
-    def params_for(self, scales: tuple, scale: float | None, device: torch.device) -> quant.KernelParams:
-        """The kernel constants of ``scales`` (sq, sk, sv) and softmax ``scale`` on ``device``;
-        cached per triple when the scales are Python floats (device-tensor scales are computed on
-        the device each call)."""
-        if type(scales) not in (tuple, list) or len(scales) != 3:
-            raise ValueError(f"scales must be a tuple (sq, sk, sv) of floats or 0-d tensors, got {scales!r}")
-        sq, sk, sv = scales
-        if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool)):
-            raise ValueError(f"scale must be a float or None, got {type(scale).__name__}")
-        if type(sq) is float and type(sk) is float and type(sv) is float:
-            key = (sq, sk, sv, scale, device)
-            params = self._params.get(key)
-            if params is None:
-                params = quant.make_params(sq, sk, sv, head_dim=self._d, scale=scale, device=device)
-                if len(self._params) >= _PARAMS_CACHE_MAX:
-                    self._params.clear()  # scales that change every call: cheap, and race-free
-                self._params[key] = params
-            return params
-        return quant.make_params(sq, sk, sv, head_dim=self._d, scale=scale, device=device)
-
-    def _bias(self, attn_mask, float_bias, params, shape, device) -> torch.Tensor | None:
-        checks.check_float_bias(attn_mask, float_bias, shape, device)
-        return quant.bias_to_int(attn_mask, params, float_bias=float_bias)
+    def params_for(
+        self, scales, scale: float | None, device: torch.device, bh: tuple[int, int] = (1, 1)
+    ) -> quant.KernelParams:
+        """The scale table of ``scales`` (sq, sk, sv) and softmax ``scale`` on ``device``, checked
+        to broadcast over ``bh`` = (B, H); cached per triple when the scales are Python floats
+        (device-tensor scales are stacked on the device each call); a KernelParams as it is."""
+        if type(scales) in (tuple, list) and len(scales) == 3:
+            sq, sk, sv = scales
+            if type(sq) is float and type(sk) is float and type(sv) is float:
+                key = (sq, sk, sv, scale, device)
+                params = self._params.get(key)
+                if params is None:
+                    params = quant.make_params(sq, sk, sv, head_dim=self._d, scale=scale, device=device)
+                    if len(self._params) >= _PARAMS_CACHE_MAX:
+                        self._params.clear()  # scales that change every call: cheap, and race-free
+                    self._params[key] = params
+                return params
+        return quant.params_of(scales, self._d, scale, device, bh)
 
     def _check_out(self, out: torch.Tensor, shape: torch.Size, out_dtype: torch.dtype, device: torch.device) -> None:
         if not isinstance(out, torch.Tensor) or out.shape != shape or out.dtype != out_dtype or out.device != device:

@@ -2,9 +2,11 @@
 
 * :func:`launch_module` -- Triton's normal launch, ``module._qflash_fwd[grid](*args, **options)``
   with the arguments packed by :mod:`qflash_gen.codegen.signature` (any strides, a bias);
-* :func:`launch_fast` -- CUDA without a bias: the CompiledKernel that Triton picked on the first
-  call is cached and called directly (measured 24 µs less host time per call on an H100 VM);
-* :func:`launch_static` -- float q, k, v at static scales, quantized inside the kernel's loads.
+* :func:`launch_fast` -- CUDA: the CompiledKernel that Triton picked on the first call of a
+  specialization is cached and called directly (measured 24 µs less host time per call on an
+  H100 VM);
+* :func:`launch_static` -- float q, k, v at static scales (quantized in the kernel's loads, or by
+  ``quant_kernels.quantize_heads`` first).
 
 No checks, no host sync: the callers (``qflash_gen.api``, ``Kernel.__call__``, the ops) check.
 """
@@ -19,7 +21,7 @@ import triton
 from triton import knobs as _knobs
 from triton.runtime import driver as _driver
 
-from qflash_gen import codegen, quant, reference
+from qflash_gen import codegen, quant, quant_kernels, reference
 from qflash_gen.codegen import signature
 from qflash_gen.config import KernelConfig
 
@@ -52,6 +54,23 @@ def v_keys(v: torch.Tensor) -> int:
     return np_ if last < v.untyped_storage().nbytes() // v.element_size() else n
 
 
+def bias_layout(bias: torch.Tensor | None, b: int, h: int, n: int) -> tuple[torch.Tensor | None, tuple, int]:
+    """The bias argument of a launch over (b, h): ``(tensor, strides, zmod)``.  ``bias`` is the
+    float32 additive bias (``quant.additive_bias``), (Z, H|1, N, N) with Z = 1, b, or a divisor of
+    b (batch z reads row z % Z: Swin's windows, z = image * Z + window), or of lower rank;
+    size-1 axes get stride 0."""
+    if bias is None:
+        return None, NO_STRIDES, 1
+    if bias.dtype != torch.float32:
+        bias = bias.to(torch.float32)
+    if bias.dim() < 4:
+        bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
+    z = bias.shape[0]
+    bias = bias.expand(z, h, n, n)
+    strides = tuple(0 if bias.shape[i] == 1 else bias.stride(i) for i in range(4))
+    return bias, strides, max(z, 1)
+
+
 def launch(
     config: KernelConfig,
     q8: torch.Tensor,
@@ -63,8 +82,26 @@ def launch(
     out_dtype: torch.dtype = torch.int8,
 ) -> torch.Tensor:
     """Run the rendered kernel for ``config`` on checked int8 inputs (no checks, no sync); float
-    inputs are quantized on load at the static scales in ``params.floats`` (see ``launch_static``)."""
+    inputs are quantized on load at the static scales of ``params`` (see ``launch_static``)."""
     return launch_module(codegen.load(config), config, q8, k8, v8, params, bias, out, out_dtype)
+
+
+def pack_args(config, q8, k8, v8, params, bias, out, out_dtype) -> tuple:
+    """The positional arguments of one launch (``signature.pack`` of this call's facts)."""
+    b, h, n, d = q8.shape
+    bias_arg, bias_strides, zmod = bias_layout(bias, b, h, n)
+    table = params.scales
+    return signature.pack(
+        q8, k8, v8, out, table if bias_arg is None else bias_arg, params, params.strides(), zmod,
+        lut_arg(config, q8.device, table), q8.stride(), k8.stride(), v8.stride(), out.stride(), bias_strides,
+        h, n, d, bias is not None, out_dtype is not _INT8, v_keys(v8), config.tail_rows(n), config.heads_for(b * h),
+    )  # fmt: skip
+
+
+def grid(config: KernelConfig, b: int, h: int, n: int) -> tuple[int, int]:
+    """(query blocks, head groups): programs of ``config`` for a (b, h, n) launch."""
+    bm = config.block_m
+    return ((n + bm - 1) // bm, b * h // config.heads_for(b * h))
 
 
 def launch_module(
@@ -78,28 +115,16 @@ def launch_module(
     out: torch.Tensor | None = None,
     out_dtype: torch.dtype = torch.int8,
 ) -> torch.Tensor:
-    """``launch`` with the rendered module already loaded (``codegen.load(config)``): the lean
-    path of ``kernel.Kernel``, which loads once instead of hashing the config on every call."""
+    """``launch`` with the rendered module already loaded (``codegen.load(config)``): Triton's
+    normal launch, any strides, a bias.  ``out`` may have any strides (e.g. a (B, N, H, D) buffer
+    viewed as (B, H, N, D)); a new contiguous one is made when None."""
     b, h, n, d = q8.shape
     if out is None:
         out = torch.empty((b, h, n, d), dtype=out_dtype, device=q8.device)
     if n == 0 or b * h == 0:
         return out
-    # Hot path (kernel.Kernel calls this on every launch): plain ints and tuples only.
-    ints = params.ints
-    if bias is None:
-        bias_arg, bias_strides = ints, NO_STRIDES
-    else:
-        bias_arg = bias.expand(b, h, n, n)
-        bias_strides = bias_arg.stride()
-    hpp = config.heads_for(b * h)
-    args = signature.pack(
-        q8, k8, v8, out, bias_arg, params, lut_arg(config, q8.device, ints),
-        q8.stride(), k8.stride(), v8.stride(), out.stride(), bias_strides,
-        h, n, d, bias is not None, out_dtype is not _INT8, v_keys(v8), config.tail_rows(n), hpp,
-    )  # fmt: skip
-    bm = config.block_m
-    module._qflash_fwd[((n + bm - 1) // bm, b * h // hpp)](*args, **signature.launch_options(config))
+    args = pack_args(config, q8, k8, v8, params, bias, out, out_dtype)
+    module._qflash_fwd[grid(config, b, h, n)](*args, **signature.launch_options(config))
     return out
 
 
@@ -117,86 +142,82 @@ def launch_static(
     *,
     fast: bool = False,
 ) -> torch.Tensor:
-    """Float q, k, v (any strides) at static scales, quantized by the kernel as it loads them
-    (``quant.quantize``'s bits, from the reciprocals in ``params.floats[1:4]``): one launch.
-    Programs that share a head each quantize its K and V again; measured on an H100, that still
-    beat a separate quantization launch on ViT-B (docs/perf-notes.md).  ``fast``: CUDA without
-    bias may take ``launch_fast``.  No checks, no sync.  ``config.max_regs`` and
-    ``config.heads_per_program`` are not applied: they are tuned on int8 inputs, and the in-load
-    quantization needs registers a cap would spill (ViT-B on an H100: 128 µs uncapped, 230 µs at
-    168 registers; with 2 heads per program, 169 µs)."""
+    """Float q, k, v (any strides) at the static scales of ``params``.  Where one query block
+    covers N (Swin's windows), the kernel quantizes them as it loads them (one launch; each K, V
+    quantized once).  Otherwise (ViT: several query blocks would each quantize the head's K and V
+    again, 2.8x slower at ViT-B b=64 on an H200) ``quant_kernels.quantize_heads`` quantizes them
+    first (static mode) and the int8 kernel runs: two launches.  Same bits either way
+    (``quant.quantize`` at each group's scales).  ``fast``: CUDA may take ``launch_fast``.  No
+    checks, no sync.  In-load quantization runs without ``max_regs`` and ``heads_per_program``
+    (tuned on int8 inputs; the quantization needs registers a cap would spill)."""
+    run = launch_fast if fast else launch_module
+    n = q.shape[2]
+    if n > config.block_m:
+        q8, k8, v8, _ = quant_kernels.quantize_heads(q, k, v, params=params)
+        return run(module, config, q8, k8, v8, params, bias, out, out_dtype)
     if config.max_regs or config.heads_per_program > 1:
         config = config.render_part()  # the same rendered module: both are launch fields
-    if fast and bias is None:
-        return launch_fast(module, config, q, k, v, params, out, out_dtype)
-    return launch_module(module, config, q, k, v, params, bias, out, out_dtype)
+    return run(module, config, q, k, v, params, bias, out, out_dtype)
 
 
-# -- direct launch of the compiled kernel (CUDA hot path of kernel.Kernel) ---------------------------
+# -- direct launch of the compiled kernel (the CUDA hot path) ---------------------------------------
 # Triton's `fn[grid](...)` re-derives, on every call, the specialization of every argument (pointer
-# alignment, ints equal to 1 or divisible by 16) to find the compiled kernel.  For contiguous inputs
-# of one Kernel (fixed N and D) every stride follows from H, so the specialization is fixed by
-# (H, dtypes, the register cap, the pointers' 16-byte alignment): the compiled kernel is cached under
-# that key and launched through its own launcher, as Triton does after its lookup.  Anything else
-# (bias, strided tensors, the interpreter, another Triton release) takes the normal launch.
+# alignment, ints equal to 1 or divisible by 16, int widths) to find the compiled kernel.  Here the
+# same facts are read off the packed arguments into a key; the CompiledKernel Triton picked for the
+# first call with that key is cached and launched through its own launcher, as Triton does after its
+# lookup.  The key is at least as fine as Triton's specialization, so a cached kernel is always the
+# one Triton would pick.  Other Triton releases (whose internals differ) and the interpreter take
+# the normal launch.
 FAST_TRITON = triton.__version__.startswith("3.6.")
+_KINDS = tuple(p.kind for p in signature.PARAMS)
+_PTR_AT = tuple(i for i, k in enumerate(_KINDS) if k == signature.POINTER)
+_INT_AT = tuple(i for i, k in enumerate(_KINDS) if k == signature.INT)
+_CONST_AT = tuple(i for i, k in enumerate(_KINDS) if k == signature.CONSTEXPR)
+_I32 = 2**31
 
 
-def launch_fast(module, config, q8, k8, v8, params, out, out_dtype) -> torch.Tensor:
-    """``launch_module`` without bias for CUDA tensors; falls back to it where the key can't cover.
-    q8, k8, v8 are int8, or float (quantized on load at the scales in ``params.floats``)."""
+def specialization_key(args: tuple, config: KernelConfig) -> tuple:
+    """What Triton's specialization of ``args`` depends on (dtypes and 16-byte alignment of the
+    pointers; for ints: == 1, divisible by 16, 32-bit or not; the constexprs), and the register cap."""
+    return (
+        tuple(args[i].dtype for i in _PTR_AT),
+        tuple(args[i].data_ptr() & 15 == 0 for i in _PTR_AT),
+        tuple((v == 1, v & 15 == 0, -_I32 <= v < _I32) for v in (args[i] for i in _INT_AT)),
+        tuple(args[i] for i in _CONST_AT),
+        config.max_regs,
+    )
+
+
+def launch_fast(module, config, q8, k8, v8, params, bias, out, out_dtype) -> torch.Tensor:
+    """``launch_module`` for CUDA tensors through the cached CompiledKernel (any strides, a bias);
+    the first call of a specialization takes the normal launch and caches what Triton compiled."""
     b, h, n, d = q8.shape
     if out is None:
         out = torch.empty((b, h, n, d), dtype=out_dtype, device=q8.device)
-    if not (FAST_TRITON and q8.is_contiguous() and k8.is_contiguous() and out.is_contiguous()):
-        return launch_module(module, config, q8, k8, v8, params, None, out, out_dtype)
+    if not FAST_TRITON or q8.device.type != "cuda":
+        return launch_module(module, config, q8, k8, v8, params, bias, out, out_dtype)
     if n == 0 or b * h == 0:
         return out
-    if v8.is_contiguous():
-        vk, v_strides = n, (h * n * d, n * d, d, 1)
-    else:  # key-major (quant.key_major) exactly, or the normal launch
-        vk = quant.padded_keys(n)
-        v_strides = (h * d * vk, d * vk, 1, vk)
-        if v8.stride() != v_strides or v_keys(v8) != vk:
-            return launch_module(module, config, q8, k8, v8, params, None, out, out_dtype)
-    ints = params.ints
-    ptrs = (q8.data_ptr(), k8.data_ptr(), v8.data_ptr(), out.data_ptr(), ints.data_ptr(), params.floats.data_ptr())
-    hpp = config.heads_for(b * h)
-    # max_regs: configs that differ in it share the module (a launch field), not the binary
-    key = (n, d, h, hpp, vk, config.max_regs, q8.dtype, out_dtype, tuple(p & 15 == 0 for p in ptrs))
+    args = pack_args(config, q8, k8, v8, params, bias, out, out_dtype)
+    key = specialization_key(args, config)
     cache = module.__dict__.setdefault("_qflash_fast", {})
     compiled = cache.get(key)
+    g0, g1 = grid(config, b, h, n)
     if compiled is None:
-        launch_module(module, config, q8, k8, v8, params, None, out, out_dtype)  # compiles if needed
-        cache[key] = compiled_for(module, config, q8, k8, v8, params, out, out_dtype, v_strides, vk)
+        module._qflash_fwd[(g0, g1)](*args, **signature.launch_options(config))  # compiles if needed
+        cache[key] = compiled_for(module, config, args)
         return out
-    s_b, s_h = h * n * d, n * d  # the strides of contiguous (B, H, N, D) tensors
-    args = signature.pack(
-        q8, k8, v8, out, ints, params, lut_arg(config, q8.device, ints),
-        (s_b, s_h, d, 1), (s_b, s_h, d, 1), v_strides, (s_b, s_h, d, 1), NO_STRIDES,
-        h, n, d, False, out_dtype is not _INT8, vk, config.tail_rows(n), hpp,
-    )  # fmt: skip
-    bm = config.block_m
-    grid = ((n + bm - 1) // bm, b * h // hpp, 1)
     stream = _driver.active.get_current_stream(q8.device.index)
-    meta = compiled.launch_metadata(grid, stream, *args)
+    meta = compiled.launch_metadata((g0, g1, 1), stream, *args)
     compiled.run(
-        grid[0], grid[1], 1, stream, compiled.function, compiled.packed_metadata, meta,
+        g0, g1, 1, stream, compiled.function, compiled.packed_metadata, meta,
         _knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook, *args,
     )  # fmt: skip
     return out
 
 
-def compiled_for(module, config, q8, k8, v8, params, out, out_dtype, v_strides, vk):
-    """The CompiledKernel Triton picked for these arguments (warmup: looks up, launches nothing)."""
-    b, h, n, d = q8.shape
-    ints = params.ints
-    s_b, s_h = h * n * d, n * d  # the strides launch_fast passes (the same as any contiguous tensor's
-    qkv = (s_b, s_h, d, 1)  # except on size-1 dims, where no index ever multiplies them)
-    args = signature.pack(
-        q8, k8, v8, out, ints, params, lut_arg(config, q8.device, ints), qkv, qkv, v_strides, qkv, NO_STRIDES,
-        h, n, d, False, out_dtype is not _INT8, vk, config.tail_rows(n), config.heads_for(b * h),
-    )  # fmt: skip
+def compiled_for(module, config, args):
+    """The CompiledKernel Triton picks for ``args`` (warmup: looks up, launches nothing)."""
     compiled = module._qflash_fwd.warmup(*args, grid=(1,), **signature.launch_options(config))
     if hasattr(compiled, "result"):
         compiled = compiled.result()

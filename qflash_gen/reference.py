@@ -2,7 +2,9 @@
 
 `reference_int8` follows the kernel's key-tile schedule (tiles of ``config.block_n``; one tile
 when ``block_n >= N``), its integer exp2 variant, its rescale strategy and its rounding, in int64
-torch on whatever device the inputs are on.  Matrix products go through float64, which is exact
+torch on whatever device the inputs are on, with each scale group's constants (per tensor, per
+head or per (batch, head): ``quant.KernelParams``) and the float bias converted per group as the
+kernel does (``quant.bias_to_int``).  Matrix products go through float64, which is exact
 here (|q.k| <= D * 2**14, |p . v| <= block_n * 16383 * 128, far below 2**53), so the same code
 runs on CPU and CUDA.  With ``acc_bits=32`` it also checks every intermediate against the int32
 range and raises OverflowError where the kernel would wrap.
@@ -15,7 +17,7 @@ import math
 import torch
 
 from qflash_gen.config import KernelConfig, single_pass
-from qflash_gen.quant import KernelParams
+from qflash_gen.quant import KernelParams, batch_bias, bias_to_int
 
 NEG = -(2**30)
 MASKED = -(2**29)
@@ -30,6 +32,16 @@ def lut_table(lut_bits: int, device: torch.device | str = "cpu") -> torch.Tensor
     return torch.tensor(vals, dtype=torch.int32, device=device)
 
 
+def _const(ints: torch.Tensor, i: int, like: torch.Tensor) -> torch.Tensor:
+    """Constant ``i`` of each scale group (``ints``: (..., 4), the groups broadcastable to (B, H))
+    shaped to broadcast against ``like`` ((B, H, ...)), as int64."""
+    c = ints[..., i].to(device=like.device, dtype=torch.int64)
+    if c.numel() == 1:
+        return c.reshape(())  # one group: a scalar broadcasts against anything
+    c = c.reshape((1,) * (2 - c.dim()) + tuple(c.shape)) if c.dim() < 2 else c
+    return c.reshape(tuple(c.shape) + (1,) * (like.dim() - 2))
+
+
 def _quotient_mulshift(y, r_, mq, hf):
     y = torch.minimum(y, 16 * r_ - 1)
     q = (y * mq) >> 26  # floor(y/R), or one less: then f lands in [1, 2)
@@ -41,7 +53,7 @@ def exp2_q15(y: torch.Tensor, ints: torch.Tensor, config: KernelConfig, lut: tor
     """Integer E ~= 2**15 * 2**(-y/R) for int64 ``y >= 0`` (templates/exp2.py.jinja, exactly)."""
     if bool((y < 0).any()):
         raise ValueError("exp2_q15 expects y >= 0")
-    r_, mq, hf = (ints[i].to(torch.int64) for i in range(3))
+    r_, mq, hf = (_const(ints, i, y) for i in range(3))
     variant = config.exp_variant
     if variant == "idiv":
         y = torch.minimum(y, 16 * r_ - 1)
@@ -71,7 +83,7 @@ def softmax_p(y: torch.Tensor, ints: torch.Tensor, config: KernelConfig, lut: to
         return requant_p(exp2_q15(y, ints, config, lut), config)
     if bool((y < 0).any()):
         raise ValueError("softmax_p expects y >= 0")
-    r_, mq = (ints[i].to(torch.int64) for i in range(2))
+    r_, mq = (_const(ints, i, y) for i in range(2))
     hp = (config.p_max * 16384 + r_ - 1) // r_
     y = torch.minimum(y + 15 * r_, 31 * r_ - 1)  # the kernel adds 15R to the row max
     # q + 15 as the kernel's high-half multiply by MQ32 = 64 MQ (2**32 - 1 when R = 1):
@@ -100,7 +112,7 @@ def rescale(x: torch.Tensor, alpha: torch.Tensor, ints: torch.Tensor, config: Ke
         _check(prod, config, "rescale product")
         mag = prod >> b
     else:
-        r_ = ints[0].to(torch.int64)
+        r_ = _const(ints, 0, x)
         a = (alpha * r_ + 16384) >> 15
         prod = mag * a + (r_ >> 1)
         _check(prod, config, "rescale product")
@@ -126,7 +138,10 @@ def reference_int8(
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype = torch.int8,
 ) -> torch.Tensor:
-    """What the kernel returns for int8 (B, H, N, D) inputs, element for element."""
+    """What the kernel returns for int8 (B, H, N, D) inputs, element for element.
+
+    ``params``: the scale groups (``quant.make_params``); ``bias``: the float32 additive bias the
+    kernel reads (``quant.additive_bias``; -inf = masked), broadcastable to (B, H, N, N), or None."""
     b, h, n, d = q8.shape
     out = torch.zeros((b, h, n, d), dtype=out_dtype, device=q8.device)
     if out.numel() == 0:
@@ -136,7 +151,7 @@ def reference_int8(
     scores = _mm(q8, k8.transpose(-1, -2))  # (B, H, N, N)
     full_bias = None
     if bias is not None:
-        full_bias = bias.to(q8.device, torch.int64).expand(b, h, n, n)
+        full_bias = bias_to_int(batch_bias(bias, b), params).to(q8.device, torch.int64).expand(b, h, n, n)
 
     m = torch.full((b, h, n), NEG, dtype=torch.int64, device=q8.device)
     l_ = torch.zeros((b, h, n), dtype=torch.int64, device=q8.device)
@@ -173,7 +188,8 @@ def reference_int8(
         o = torch.where(acc < 0, -o, o).clamp(-128, 127)
         return torch.where(has_l[..., None], o, 0).to(torch.int8)
     # float32, as the kernel: one IEEE division per row, one conversion and multiply per output
-    out_mul = params.floats[0].to(device=q8.device, dtype=torch.float32)
+    out_mul = params.floats[..., 0].to(device=q8.device, dtype=torch.float32)
+    out_mul = out_mul.reshape(()) if out_mul.numel() == 1 else out_mul.reshape(params.table.shape[:2])[..., None]
     inv_l = out_mul / torch.where(has_l, l_, 1).to(torch.float32)
     inv_l = torch.where(has_l, inv_l, torch.zeros((), dtype=torch.float32, device=q8.device))
     of = acc.to(torch.float32) * inv_l[..., None]
@@ -192,9 +208,11 @@ def float_attention(
     q, k, v = (t.to(torch.float64) for t in (q, k, v))
     c = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     logits = c * (q @ k.transpose(-1, -2))
+    b = q.shape[0]
     if float_bias is not None:
-        logits = logits + float_bias.to(torch.float64)
+        logits = logits + batch_bias(float_bias, b).to(torch.float64)
     if attn_mask is not None:
+        attn_mask = batch_bias(attn_mask, b)
         if attn_mask.dtype == torch.bool:
             logits = logits.masked_fill(~attn_mask, float("-inf"))
         else:

@@ -34,10 +34,11 @@ def swin_like_bias(b, h, n, *, seed=0, device="cpu", mask_frac=0.3, masked_row=T
 
 
 def run_both(q8, k8, v8, scales, cfg, *, attn_mask=None, float_bias=None, out_dtype=torch.int8):
-    """Kernel output and oracle output for the same inputs, config and integer constants."""
+    """Kernel output and oracle output for the same inputs, config and scales (the oracle reads
+    the float additive bias the kernel reads and converts it per scale group, as the kernel does)."""
     got = attention_int8(q8, k8, v8, scales, attn_mask, float_bias=float_bias, config=cfg, out_dtype=out_dtype)
     params = quant.make_params(*scales, head_dim=q8.shape[-1], device=q8.device)
-    bias = quant.bias_to_int(attn_mask, params, float_bias=float_bias)
+    bias = quant.additive_bias(attn_mask, float_bias)
     want = reference_int8(q8, k8, v8, params, cfg, bias=bias, out_dtype=out_dtype)
     return got, want
 

@@ -197,7 +197,7 @@ def test_asm_compiles_the_arguments_the_runtime_launches(masked):
     shape = (2, 12, 197, 64)
     q8 = torch.zeros(shape, dtype=torch.int8)
     params = quant.make_params(0.05, 0.05, 0.05, head_dim=64)
-    bias = torch.zeros((1, 12, 197, 197), dtype=torch.int32) if masked else None
+    bias = torch.zeros((1, 12, 197, 197), dtype=torch.float32) if masked else None  # the float additive bias
     module = types.SimpleNamespace(_qflash_fwd=rec)
     launch.launch_module(module, cfg, q8, q8, q8, params, bias, None, torch.float16)
     args, kwargs = kernel_arguments(cfg, shape, masked=masked, out_dtype="fp16")

@@ -28,7 +28,7 @@ from timm.models.swin_transformer import WindowAttention
 from torch import nn
 
 from qflash_gen import DEFAULT_CONFIG, KernelConfig, attention_int8, models, ops, quant
-from qflash_gen.reference import sqnr_db
+from qflash_gen.reference import reference_int8, sqnr_db
 
 pytestmark = pytest.mark.gpu
 
@@ -121,15 +121,17 @@ def test_swin_tiny_end_to_end_with_shifted_masks(swin_tiny, device):
     assert _cos(dyn, want) >= 0.999
 
     models.calibrate(model, [_image((1, 3, 112, 112), 2, device), x])
-    for b in blocks:
-        attn = b.attn
-        nw = 0 if b.attn_mask is None else b.attn_mask.shape[0]
-        assert attn.scale_mode == "static" and attn.bias_windows == nw
-        n = attn.window_area
-        assert attn.qflash_bias.shape == (1, max(nw, 1) * attn.num_heads, n, n)
-        assert attn.qflash_bias.dtype == torch.int32
     with torch.no_grad():
         static = model(x)
+    for b in blocks:
+        attn = b.attn
+        nw = 1 if b.attn_mask is None else b.attn_mask.shape[0]
+        assert attn.scale_mode == "static" and attn.qflash_table.shape == (1, 4)
+        n = attn.window_area
+        # one float bias per module (rel-pos + shift mask), (nW, H, N, N): window z reads row z % nW
+        bias = attn.window_bias(b.attn_mask)
+        assert bias.shape == (nw, attn.num_heads, n, n) and bias.dtype == torch.float32
+        assert attn.window_bias(b.attn_mask) is bias  # cached: built once, not per call
     assert _cos(static, want) >= 0.999
 
 
@@ -173,22 +175,30 @@ def test_window_mask_follows_timm_window_order(device):
     assert differ and max(off) < 10.0, off  # the check above would catch the other order
 
 
-def test_window_static_bias_equals_dynamic_bits(device):
-    """Static scales equal to the per-call dynamic ones: the precomputed integer bias (rel-pos +
-    mask) gives exactly the dynamic path's bits."""
+def _window_oracle(patched, x, mask, q8, k8, v8, params):
+    """The oracle of a patched Swin module: int8 q, k, v (B_, H, N, D), its window bias, proj."""
+    b_, n, c = x.shape
+    bias = patched.window_bias(mask)
+    o = reference_int8(q8, k8, v8, params, patched.config, bias=bias, out_dtype=x.dtype)
+    return patched.proj(o.transpose(1, 2).reshape(b_, n, c))
+
+
+def test_window_bias_paths_equal_the_oracle(device):
+    """Window z of the (B_, H, N, D) q, k, v reads bias row z % nW (the rel-pos bias plus its
+    window's mask, converted per scale group in the kernel): dynamic per-(window, head) scales
+    and static scales both give the oracle's bits."""
     orig, mask, x = _window_problem(device, seed=3)
-    patched = models.QFlashWindowAttention(orig)
+    patched = models.QFlashWindowAttention(orig, config=DEFAULT_CONFIG)
     with torch.no_grad():
+        q, k, v = patched.qkv_heads(x)
         dyn = patched(x, mask=mask)
-        b_, n, _ = x.shape
-        q, k, v = patched.qkv(x).reshape(b_, n, 3, 3, 32).permute(2, 0, 3, 1, 4).unbind(0)
-        scales = torch.stack([quant.dynamic_scale(t) for t in (q, k, v)]).reshape(3, 1)
-        # sees the mask; scales replaced next (no transforms: q, k, v stay the dynamic path's)
-        models.calibrate(patched, [(x, mask)], smooth_k=False, equalize=False)
-        patched.set_static_scales(scales)
-        assert patched.bias_windows == mask.shape[0]
+        assert_bit_equal(dyn, _window_oracle(patched, x, mask, *quant.quantize_dynamic(q, k, v, 32)))
+        models.calibrate(patched, [(x, mask)], smooth_k=False, equalize=False, per_head=True)
         static = patched(x, mask=mask)
-    assert_bit_equal(static, dyn)
+        sq, sk, sv = patched.qflash_scales  # (3, H): per head
+        q8, k8, v8 = (quant.quantize_groups(t, s) for t, s in ((q, sq), (k, sk), (v, sv)))
+        params = quant.make_params(sq, sk, sv, head_dim=32)
+        assert_bit_equal(static, _window_oracle(patched, x, mask, q8, k8, v8, params))
 
 
 def test_window_per_head_scales_match_a_per_head_loop(device):
@@ -202,12 +212,12 @@ def test_window_per_head_scales_match_a_per_head_loop(device):
     with torch.no_grad():
         got = patched(x, mask=mask)
         b_, n, c = x.shape
-        nw, h = mask.shape[0], 3
+        h = 3
         q, k, v = patched.qkv(x).reshape(b_, n, 3, h, 32).permute(2, 0, 3, 1, 4).unbind(0)
         rel = patched.rel_pos_bias()  # (1, H, N, N)
         heads = []
         for j in range(h):
-            qj, kj, vj = (t[:, j].reshape(b_ // nw, nw, n, 32) for t in (q, k, v))
+            qj, kj, vj = (t[:, j : j + 1] for t in (q, k, v))  # (B_, 1, N, D)
             s = [scales[i, j] for i in range(3)]
             q8, k8, v8 = (quant.quantize(t, s[i]) for i, t in enumerate((qj, kj, vj)))
             o = attention_int8(
@@ -215,36 +225,43 @@ def test_window_per_head_scales_match_a_per_head_loop(device):
                 k8,
                 v8,
                 tuple(s),
-                mask[None],
+                mask[:, None],  # (nW, 1, N, N): window z reads row z % nW
                 float_bias=rel[:, j : j + 1],
                 config=DEFAULT_CONFIG,
                 out_dtype=x.dtype,
                 backend="reference",
             )
-            heads.append(o.reshape(b_, n, 32))
+            heads.append(o[:, 0])
         o = torch.stack(heads, dim=1).transpose(1, 2).reshape(b_, n, c)
         want = patched.proj(o)
     assert_bit_equal(got, want)
 
 
-# -- ViT module: static == dynamic bits, per-head ---------------------------------------------------
+# -- ViT module: dynamic and static bits, per-head ---------------------------------------------------
+def _vit_oracle(q8, k8, v8, params, x):
+    """(B, N, C) attention output of the oracle for int8 (B, H, N, D) q, k, v."""
+    b, n, c = x.shape
+    return reference_int8(q8, k8, v8, params, DEFAULT_CONFIG, out_dtype=x.dtype).transpose(1, 2).reshape(b, n, c)
+
+
 def test_vit_static_scales_equal_dynamic_bits_and_per_head(device):
     torch.manual_seed(0)
     orig = Attention(192, num_heads=3, qkv_bias=True).to(device).eval()
     patched = models.QFlashAttention(orig, config=DEFAULT_CONFIG)
     x = _image((2, 17, 192), 4, device)
     with torch.no_grad():
-        dyn = patched(x)
         q, k, v = patched.qkv_heads(x)
-        patched.set_static_scales(torch.stack([quant.dynamic_scale(t) for t in (q, k, v)]).reshape(3, 1))
-        assert_bit_equal(patched(x), dyn)
+        assert_bit_equal(patched(x), patched.proj(_vit_oracle(*quant.quantize_dynamic(q, k, v, 64), x)))
+        tensor_scales = torch.stack([quant.dynamic_scale(t) for t in (q, k, v)])
+        patched.set_static_scales(tensor_scales.reshape(3, 1))
+        q8, k8, v8 = (quant.quantize(t, s) for t, s in zip((q, k, v), tensor_scales, strict=True))
+        params = quant.make_params(*tensor_scales, head_dim=64)
+        assert_bit_equal(patched(x), patched.proj(_vit_oracle(q8, k8, v8, params, x)))
         # per head: each head's output equals a per-tensor call on that head alone
         per_head = torch.stack([t.abs().amax(dim=(0, 2, 3)) / 127 for t in (q, k, v)])
         patched.set_static_scales(per_head)
         assert patched.per_head
-        got = torch.ops.qflash_gen.attention_static(
-            q, k, v, patched.qflash_scales, patched.qflash_ints, patched.qflash_floats, None, patched.config_arg
-        )
+        got = torch.ops.qflash_gen.attention_static(q, k, v, patched.qflash_table, None, None, patched.config_arg)
         for j in range(3):
             s = tuple(per_head[:, j])
             q8, k8, v8 = (quant.quantize(t[:, j : j + 1], s[i]) for i, t in enumerate((q, k, v)))
@@ -257,9 +274,8 @@ def test_vit_static_scales_equal_dynamic_bits_and_per_head(device):
 def _float_core(module: models.QFlashModule) -> None:
     """Replace the module's kernel call by float attention on the q, k, v the kernel would see."""
 
-    def core(q, k, v, attn_mask=None, float_bias=None, static_bias=None):
-        assert static_bias is None
-        bias = attn_mask if float_bias is None else (float_bias if attn_mask is None else float_bias + attn_mask)
+    def core(q, k, v, bias=None):
+        bias = None if bias is None else quant.batch_bias(bias, q.shape[0]).to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=module.scale)
 
     module.core = core
@@ -439,7 +455,7 @@ def test_static_state_survives_state_dict_and_half():
     with torch.no_grad():
         want = model(x)
     state = model.state_dict()
-    assert {"0.qflash_scales", "0.qflash_ints", "0.qflash_floats"} <= set(state)
+    assert "0.qflash_scales" in set(state) and "0.qflash_table" not in set(state)  # the table is derived
     assert {"0.qflash_kmean", "0.qflash_qk_eq", "0.qflash_v_eq"} <= set(state)
     assert not any("qflash_qkv" in key or "qflash_proj" in key for key in state)  # derived, not saved
     fresh = nn.Sequential(Attention(64, num_heads=2, qkv_bias=True)).eval()
@@ -450,7 +466,7 @@ def test_static_state_survives_state_dict_and_half():
     with torch.no_grad():
         assert_bit_equal(fresh(x), want)  # the folded weights are rebuilt from the loaded ones
     fresh.half()
-    assert fresh[0].qflash_scales.dtype == torch.float32 and fresh[0].qflash_floats.dtype == torch.float32
+    assert fresh[0].qflash_scales.dtype == torch.float32 and fresh[0].qflash_table.dtype == torch.float32
     assert fresh[0].qflash_kmean.dtype == torch.float32 and fresh[0].qflash_v_eq.dtype == torch.float32
     assert fresh[0].qkv.weight.dtype == torch.float16
     assert fresh[0].qflash_qkv_weight.dtype == fresh[0].qflash_proj_weight.dtype == torch.float16
@@ -481,14 +497,18 @@ def test_bad_input_is_a_clear_error():
         model[0].set_static_scales(torch.ones(3, 3))
     with pytest.raises(ValueError, match="no batch"):
         models.calibrate(model, [])
+    with pytest.raises(ValueError, match="finite and > 0"):
+        model[0].set_static_scales(torch.tensor([[0.1], [0.0], [0.1]]))
     q = torch.randn(1, 2, 9, 32)
-    scales, (ints, floats) = torch.ones(3, 1), ops.static_params(torch.ones(3, 1), 32)
-    with pytest.raises(ValueError, match="ints must be int32"):
-        torch.ops.qflash_gen.attention_static(q, q, q, scales, ints.long(), floats)
-    with pytest.raises(ValueError, match="must divide"):
-        torch.ops.qflash_gen.attention_static(q, q, q, torch.ones(3, 3), ints, floats)
-    with pytest.raises(ValueError, match="bias must be int32"):
-        torch.ops.qflash_gen.attention_static(q, q, q, scales, ints, floats, torch.zeros(9, 9))
+    table = ops.static_table(torch.ones(3, 1))
+    with pytest.raises(ValueError, match="table must be float32"):
+        torch.ops.qflash_gen.attention_static(q, q, q, table.double())
+    with pytest.raises(ValueError, match="P=3 rows"):
+        torch.ops.qflash_gen.attention_static(q, q, q, ops.static_table(torch.ones(3, 3)))
+    with pytest.raises(ValueError, match="float additive bias"):
+        torch.ops.qflash_gen.attention_static(q, q, q, table, torch.zeros(9, 9, dtype=torch.int32))
+    with pytest.raises(ValueError, match="does not broadcast"):
+        torch.ops.qflash_gen.attention_static(q, q, q, table, torch.zeros(3, 2, 9, 9))
 
 
 # -- custom ops: opcheck and torch.compile --------------------------------------------------------
@@ -504,11 +524,10 @@ def test_custom_ops_pass_opcheck(device):
     static = torch.ops.qflash_gen.attention_static.default
     for cols in (1, 4):
         scales = torch.rand(3, cols, generator=g).to(device) * 0.05 + 0.01
-        ints, floats = ops.static_params(scales, 32)
-        params = quant.KernelParams(ints[0], floats[0])
-        int_bias = quant.bias_to_int(mask, params, float_bias=bias)
-        torch.library.opcheck(static, (q, k, v, scales, ints, floats))
-        torch.library.opcheck(static, (q, k, v, scales, ints, floats, int_bias))
+        table = ops.static_table(scales)
+        float_bias = quant.additive_bias(mask, bias)
+        torch.library.opcheck(static, (q, k, v, table))
+        torch.library.opcheck(static, (q, k, v, table, float_bias, 0.2))
 
 
 def test_torch_compile_patched_vit_tiny_has_no_graph_break(vit_tiny, device):

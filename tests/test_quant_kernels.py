@@ -1,5 +1,6 @@
-"""The fused quantization kernels give the torch quantization's bits: int8 tensors, scales and
-kernel constants, for every float dtype, with NaN / Inf / all-zero tensors and odd sizes."""
+"""The one-launch quantizer gives the torch quantization's bits: int8 q, k, v and the scale table,
+one scale per (batch, head) (k smoothed or not) or at static per-group scales, for every float
+dtype, with NaN / Inf / all-zero / tiny tensors, odd sizes and strided views of a packed qkv."""
 
 from __future__ import annotations
 
@@ -13,18 +14,8 @@ from qflash_gen.api import attention
 pytestmark = pytest.mark.gpu
 
 
-def _torch_path(q, k, v, d, scale):
-    sq, sk, sv = (quant.dynamic_scale(t) for t in (q, k, v))
-    q8s = tuple(quant.quantize(t, s) for t, s in ((q, sq), (k, sk), (v, sv)))
-    return q8s, torch.stack([sq, sk, sv]), quant.make_params(sq, sk, sv, head_dim=d, scale=scale)
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("case", ["uniform", "specials", "zeros", "tiny"])
-def test_fused_quantization_equals_torch(dtype, case):
-    dev = kernel_device()
-    g = torch.Generator().manual_seed(hash((case, str(dtype))) % 2**31)
-    shape = (2, 3, 37, 32)  # 7104 elements: two blocks, the second partial
+def _inputs(case, dtype, shape=(2, 3, 37, 32), seed=0):
+    g = torch.Generator().manual_seed(seed + hash((case, str(dtype))) % 2**31)
     x = [(torch.rand(shape, generator=g) * 8 - 4) for _ in range(3)]
     if case == "specials":
         x[0].view(-1)[[0, 5, 999]] = torch.tensor([float("nan"), float("inf"), -float("inf")])
@@ -33,23 +24,73 @@ def test_fused_quantization_equals_torch(dtype, case):
         x[1].zero_()
     elif case == "tiny":
         x = [t * 1e-4 for t in x]  # drives R to its clamp
-    q, k, v = (t.to(device=dev, dtype=dtype) for t in x)
+    elif case == "subnormal":
+        x = [t * 1e-39 for t in x]  # a scale of max/127 would be subnormal: its reciprocal inf
+    elif case == "shared_k":
+        x[1] = x[1] + torch.randn(shape[-1], generator=g) * 40  # a component every token of k shares
+    return [t.to(device=kernel_device(), dtype=dtype) for t in x]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("case", ["uniform", "specials", "zeros", "tiny", "subnormal", "shared_k"])
+@pytest.mark.parametrize("smooth", [True, False])
+def test_dynamic_quantization_equals_torch(dtype, case, smooth):
+    q, k, v = _inputs(case, dtype)
+    if case == "subnormal" and dtype != torch.float32:
+        pytest.skip("float16/bfloat16 cannot hold 1e-39 * x")
     scale = 0.3 if case == "tiny" else None
-    (q8, k8, v8), scales, params = quant_kernels.quantize_qkv(q, k, v, 32, scale)
-    (tq, tk, tv), tscales, tparams = _torch_path(q, k, v, 32, scale)
+    q8, k8, v8, params = quant_kernels.quantize_heads(q, k, v, scale, smooth=smooth)
+    tq, tk, tv, tparams = quant.quantize_dynamic(q, k, v, 32, scale, smooth=smooth)
     for got, want in ((q8, tq), (k8, tk), (v8, tv)):
         assert_bit_equal(got, want)
-    assert_bit_equal(scales, tscales)
-    assert torch.equal(params.ints.cpu(), tparams.ints.cpu()), (params.ints, tparams.ints)
-    assert_bit_equal(params.floats.cpu(), tparams.floats.cpu())
+    assert_bit_equal(params.scales, tparams.scales.reshape(params.scales.shape))
+    assert params.c_log2e == tparams.c_log2e and params.strides() == (3 * 4, 4)
+    assert bool(torch.isfinite(params.floats).all())  # no inf reciprocal, even for subnormal inputs
+    assert v8.stride(2) == 1  # key-major
+
+
+def test_smoothing_lowers_the_k_scale_of_a_shared_component():
+    q, k, v = _inputs("shared_k", torch.float32)
+    *_, plain = quant_kernels.quantize_heads(q, k, v, smooth=False)
+    *_, smooth = quant_kernels.quantize_heads(q, k, v, smooth=True)
+    assert bool((smooth.scales[..., 1] < 0.25 * plain.scales[..., 1]).all())
+    assert torch.equal(smooth.scales[..., 0], plain.scales[..., 0])  # q and v untouched
+
+
+def test_strided_views_of_a_packed_projection():
+    """timm's q, k, v: views of a (B, N, 3, H, D) tensor; no copy needed, same bits."""
+    dev = kernel_device()
+    g = torch.Generator().manual_seed(3)
+    qkv = (torch.randn(2, 49, 3, 4, 32, generator=g) * 3).to(dev, torch.float16)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    assert not q.is_contiguous()
+    got = quant_kernels.quantize_heads(q, k, v)
+    want = quant_kernels.quantize_heads(q.contiguous(), k.contiguous(), v.contiguous())
+    for a, b in zip(got[:3], want[:3], strict=True):
+        assert_bit_equal(a, b)
+    assert_bit_equal(got[3].scales, want[3].scales)
+
+
+@pytest.mark.parametrize("groups", ["tensor", "head", "batch_head"])
+def test_static_quantization_equals_torch(groups):
+    q, k, v = _inputs("specials", torch.float16)
+    b, h = q.shape[:2]
+    shape = {"tensor": (), "head": (h,), "batch_head": (b, h)}[groups]
+    g = torch.Generator().manual_seed(9)
+    sq, sk, sv = ((torch.rand(shape, generator=g) * 0.05 + 0.01).to(q.device) for _ in range(3))
+    params = quant.make_params(sq, sk, sv, head_dim=32)
+    q8, k8, v8, back = quant_kernels.quantize_heads(q, k, v, params=params)
+    assert back is params
+    for got, t, s in ((q8, q, sq), (k8, k, sk), (v8, v, sv)):
+        assert_bit_equal(got, quant.quantize_groups(t, s.expand(b, h) if s.dim() else s))
 
 
 def test_attention_fused_path_matches_reference_and_non_contiguous():
     dev = kernel_device()
     g = torch.Generator().manual_seed(7)
     q, k, v = ((torch.rand(1, 2, 50, 64, generator=g) * 6 - 3).to(dev, torch.float16) for _ in range(3))
-    fused = attention(q, k, v)  # contiguous: quant_kernels
+    fused = attention(q, k, v)  # the quantizer + the kernel
     assert_bit_equal(fused, attention(q, k, v, backend="reference"))  # torch quantization + oracle
-    qt = q.transpose(2, 3).contiguous().transpose(2, 3)  # same values, strided: the torch path
+    qt = q.transpose(2, 3).contiguous().transpose(2, 3)  # same values, D not innermost: copied first
     assert not qt.is_contiguous()
     assert_bit_equal(fused, attention(qt, k, v))

@@ -1,5 +1,6 @@
-"""Float inputs at static (calibrated) scales: quantized inside the kernel as it loads them, the
-bits of ``quant.quantize`` of each input followed by the int8 kernel and the integer oracle."""
+"""Float inputs at static (calibrated) scales: quantized inside the kernel as it loads them (one
+query block per head) or by the quantizer first (several), the bits of ``quant.quantize`` of each
+input followed by the int8 kernel and the integer oracle."""
 
 from __future__ import annotations
 
@@ -78,8 +79,7 @@ def test_fused_quantization_with_strided_inputs_and_a_mask(device):
     scales = (0.02, 0.011, 0.03)
     kern = kernel.Kernel(DEFAULT_CONFIG, workload_key((b, h, n, d), masked=True), "cpu", "default")
     got = kern(q, k, v, scales, mask)
-    params = quant.make_params(*scales, head_dim=d, device=q.device)
-    want = _oracle(q, k, v, scales, DEFAULT_CONFIG, bias=quant.bias_to_int(mask, params), out_dtype=torch.float16)
+    want = _oracle(q, k, v, scales, DEFAULT_CONFIG, bias=quant.additive_bias(mask), out_dtype=torch.float16)
     _equal(got, want)
     assert bool((got[:, :, 5] == 0).all())
 
@@ -88,13 +88,16 @@ def test_fused_quantization_with_strided_inputs_and_a_mask(device):
 def test_static_op_fused_path_equals_its_reference_backend(device, cfg):
     b, h, n, d = 2, 4, 49, 32
     q, k, v = _inputs(b, h, n, d, torch.float16, device, seed=5, specials=True)
-    scales = torch.tensor([[0.025], [0.02], [0.017]], device=device)
-    ints, floats = ops.static_params(scales, d)
-    assert tuple(floats.shape) == (1, 4) and torch.equal(floats[0, 1:].cpu(), 1 / scales[:, 0].cpu())
-    text = ops.config_arg(cfg)
-    got = torch.ops.qflash_gen.attention_static(q, k, v, scales, ints, floats, None, text, "triton")
-    want = torch.ops.qflash_gen.attention_static(q, k, v, scales, ints, floats, None, text, "reference")
-    _equal(got, want)
+    for scales in (
+        torch.tensor([[0.025], [0.02], [0.017]], device=device),  # per tensor
+        torch.tensor([[0.025, 0.02, 0.03, 0.04], [0.02, 0.021, 0.022, 0.023], [0.017] * 4], device=device),  # per head
+    ):
+        table = ops.static_table(scales)
+        assert tuple(table.shape) == (scales.shape[1], 4) and torch.equal(table[:, :3].t().cpu(), scales.cpu())
+        text = ops.config_arg(cfg)
+        got = torch.ops.qflash_gen.attention_static(q, k, v, table, None, None, text, "triton")
+        want = torch.ops.qflash_gen.attention_static(q, k, v, table, None, None, text, "reference")
+        _equal(got, want)
 
 
 def test_float_inputs_need_one_dtype(device):

@@ -197,7 +197,7 @@ def test_every_launcher_and_asm_build_their_arguments_from_the_signature():
     rec = _Recorder()
     module = types.SimpleNamespace(_qflash_fwd=rec)
     launch.launch_module(module, cfg, q8, q8, q8, params, None, out, torch.float16)
-    launch.compiled_for(module, cfg, q8, q8, q8, params, out, torch.float16, q8.stride(), n)
+    launch.compiled_for(module, cfg, launch.pack_args(cfg, q8, q8, q8, params, None, out, torch.float16))
     args, options = asm.kernel_arguments(cfg, shape, masked=False, out_dtype="fp16")
     assert len(args) == len(signature.PARAMS) and options == signature.launch_options(cfg)
     for kind, real, kwargs in rec.calls:
@@ -221,14 +221,16 @@ def test_launch_sources_and_tools_pack_through_the_signature():
 
 def test_adding_a_parameter_is_one_entry():
     """A parameter added to PARAMS appears in the rendered parameter list and in every packed
-    launch (here: a per-head scale-group stride, the next planned argument)."""
-    extra = signature.Param("stride_pz", signature.INT, "h * 0", "per-(batch, head) scale groups")
+    launch (here: a hypothetical stride; the per-group scale strides came in this way)."""
+    extra = signature.Param("stride_xz", signature.INT, "h * 0", "a hypothetical new argument")
     params = (*signature.PARAMS[:-7], extra, *signature.PARAMS[-7:])
     lines = signature.render_params(params).splitlines()
-    assert "    stride_pz," in lines and "    # per-(batch, head) scale groups" in lines
+    assert "    stride_xz," in lines and "    # a hypothetical new argument" in lines
     source, pack = signature.build_pack(params)
-    params_arg = types.SimpleNamespace(ints="ints", floats="floats")
-    packed = pack(*(["ptr"] * 5), params_arg, "ptr", *([(1, 2, 3, 4)] * 5), 12, 197, 64, False, True, 197, 16, 1)
+    params_arg = types.SimpleNamespace(scales="table", c_bits=7)
+    packed = pack(
+        *(["ptr"] * 5), params_arg, (0, 4), 1, "ptr", *([(1, 2, 3, 4)] * 5), 12, 197, 64, False, True, 197, 16, 1
+    )
     assert len(packed) == len(params) and packed[len(params) - 8] == 0 and "h * 0" in source
 
 
@@ -256,4 +258,4 @@ def test_old_module_paths_still_export_their_names():
     ops = importlib.import_module("qflash_gen.ops")
     assert callable(runtime.attention) and callable(runtime.launch) and callable(runtime.default_config)
     assert callable(models.patch_model) and callable(models.calibrate) and models.QFlashAttention
-    assert callable(ops.static_params) and callable(ops.config_arg)
+    assert callable(ops.static_table) and callable(ops.config_arg)

@@ -84,21 +84,24 @@ def kernel_arguments(
 
     b, h, n, d = shape
     qkv = (h * n * d, n * d, d, 1)
-    i32 = PointerStandIn(torch.int32)
+    f32 = PointerStandIn(torch.float32)
     args = signature.pack(
         PointerStandIn(torch.int8), PointerStandIn(torch.int8), PointerStandIn(torch.int8),
-        PointerStandIn(torch_dtype(out_dtype)), i32,
-        _ParamsStandIn(i32, PointerStandIn(torch.float32)), i32,
+        PointerStandIn(torch_dtype(out_dtype)), f32, _ParamsStandIn(f32, _C_BITS), (0, 0), 1,
+        PointerStandIn(torch.int32) if config.exp_variant == "lut" else f32,
         qkv, qkv, qkv, qkv, (0, n * n, n, 1) if masked else (0, 0, 0, 0),
         h, n, d, masked, out_dtype != "int8", n, config.tail_rows(n), config.heads_for(b * h),
     )  # fmt: skip
     return list(args), signature.launch_options(config)
 
 
+_C_BITS = 0x3FC71547652B82FE  # float64 bits of log2(e) / 8 (the softmax scale at D = 64): any value specializes alike
+
+
 @dataclasses.dataclass(frozen=True)
 class _ParamsStandIn:
-    ints: PointerStandIn
-    floats: PointerStandIn
+    scales: PointerStandIn
+    c_bits: int
 
 
 _PTXAS_RE = {

@@ -31,8 +31,10 @@ KINDS = (POINTER, INT, CONSTEXPR)
 # What a launcher knows about one call; the ``value`` of every parameter is an expression over these.
 CALL_FACTS: tuple[str, ...] = (
     "q", "k", "v", "out",  # tensors (or stand-ins with .dtype and .data_ptr(), for --asm)
-    "bias",  # the int32 bias, or any int32 pointer when there is none (HAS_BIAS False: never read)
-    "params",  # quant.KernelParams: .ints, .floats
+    "bias",  # the float32 additive bias, or any pointer when there is none (HAS_BIAS False: never read)
+    "params",  # quant.KernelParams: .scales (the table), its group strides, .c_bits
+    "scale_strides",  # params.strides(): element strides of the scale groups over batch and head
+    "bias_zmod",  # batch z reads bias row z % bias_zmod (1 without a bias)
     "lut",  # the exp table (exp_variant "lut"), else any int32 pointer (never read)
     "q_strides", "k_strides", "v_strides", "out_strides", "bias_strides",  # 4-tuples (B, H, N, D axes)
     "h", "n", "d",  # heads, tokens, head dim
@@ -66,7 +68,7 @@ def _strides(prefix: str, fact: str, group: str) -> tuple[Param, ...]:
 
 
 _TENSORS = "int8 (or float: IN_FLOAT) inputs and the output (int8, or a float dtype: OUT_FLOAT)"
-_AUX = "int32 bias (read only if HAS_BIAS), int32 [R, MQ, HF], float32 [OUT_MUL, 1/SQ, 1/SK, 1/SV], int32 LUT"
+_AUX = "float32 additive bias (read only if HAS_BIAS), float32 scale rows [sq, sk, sv, 0], int32 LUT"
 _STRIDES = "element strides of q, k, v, out and the bias, axes (B, H, N, D) and (B, H, N, N)"
 _SHAPE = "shape facts and launch choices (one compile each)"
 
@@ -76,14 +78,17 @@ PARAMS: tuple[Param, ...] = (
     Param("V", POINTER, "v", ""),
     Param("Out", POINTER, "out", ""),
     Param("Bias", POINTER, "bias", _AUX),
-    Param("IntParams", POINTER, "params.ints", ""),
-    Param("FloatParams", POINTER, "params.floats", ""),
+    Param("Scales", POINTER, "params.scales", ""),
     Param("LUT", POINTER, "lut", ""),
     *_strides("q", "q_strides", _STRIDES),
     *_strides("k", "k_strides", ""),
     *_strides("v", "v_strides", ""),
     *_strides("o", "out_strides", ""),
     *_strides("b", "bias_strides", ""),
+    Param("BIAS_ZMOD", INT, "bias_zmod", "the bias row of batch z: z % BIAS_ZMOD (Swin: z's window)"),
+    Param("stride_sz", INT, "scale_strides[0]", "element strides of the scale groups over batch and head (0: shared)"),
+    Param("stride_sh", INT, "scale_strides[1]", ""),
+    Param("C_LOG2E", INT, "params.c_bits", "float64 bits of the softmax scale times log2(e)"),
     Param("H", INT, "h", "heads (the grid's second axis walks B * H / HPP groups of heads)"),
     Param("N_CTX", CONSTEXPR, "n", _SHAPE),
     Param("HEAD_DIM", CONSTEXPR, "d", ""),

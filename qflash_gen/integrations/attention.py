@@ -2,11 +2,11 @@
 
 * :class:`QFlashAttention` for ``timm.layers.Attention`` (ViT, DeiT, ...);
 * :class:`QFlashWindowAttention` for Swin v1's ``WindowAttention``: its relative-position bias
-  goes to the kernel as ``float_bias`` and the shifted-window mask (timm: (num_windows, N, N),
-  0 or -100, added to the logits) as an additive ``attn_mask``.  timm orders the
-  B_ = B * num_windows windows batch-major (window index fastest), so q, k, v are viewed as
-  (B, num_windows * heads, N, D): the mask and bias then form one small (1, num_windows * heads,
-  N, N) tensor that broadcasts over the batch.
+  and the shifted-window mask (timm: (num_windows, N, N), 0 or -100, added to the logits) go to
+  the kernel as one float additive bias (num_windows, H, N, N), built once and cached until the
+  bias table or the mask changes.  timm orders the B_ = B * num_windows windows batch-major
+  (window index fastest), so window z of the (B_, H, N, D) q, k, v reads bias row z % num_windows:
+  no copy of q, k, v, and the scale groups stay per (window, head).
 
 They take over the original's submodules (``qkv``, ``proj``, norms, the relative-position table),
 so parameter names and ``state_dict`` keys are unchanged.  They are inference modules: in
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qflash_gen import quant
 from qflash_gen.config import KernelConfig
 from qflash_gen.integrations.base import QFlashModule
 
@@ -65,7 +66,7 @@ class QFlashAttention(QFlashModule):
                 o = o * gate
             return self.proj_drop(self.proj(o))
         q, k, v = self.kernel_qkv(x)
-        o = self.core(q, k, v, attn_mask=attn_mask)
+        o = self.core(q, k, v, quant.additive_bias(attn_mask))  # laid out (B, N, H, D)
         o = self._unscale_out(o.transpose(1, 2).reshape(b, n, self.attn_dim))
         o = self.norm(o)
         if gate is not None:
@@ -92,11 +93,7 @@ class QFlashWindowAttention(QFlashModule):
         self.attn_drop = orig.attn_drop
         self.proj = orig.proj
         self.proj_drop = orig.proj_drop
-        self._calib_mask: torch.Tensor | None = None  # the mask seen while calibrating (a reference)
-
-    def start_calibration(self) -> None:
-        super().start_calibration()
-        self._calib_mask = None
+        self._bias_cache: tuple | None = None  # (key, the float bias of window_bias)
 
     def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v (B_, H, N, D) for windows ``x`` (B_, N, C), as the original module computes them
@@ -111,30 +108,26 @@ class QFlashWindowAttention(QFlashModule):
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, -1)
         return bias.permute(2, 0, 1).contiguous().unsqueeze(0)
 
-    def _window_bias(self, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(float_bias, attn_mask) in the (B, num_windows * H) layout: (1, nW*H, N, N) each."""
-        rel = self.rel_pos_bias()
-        if mask is None:
-            return rel, None
-        nw, n = mask.shape[0], mask.shape[-1]
-        h = self.num_heads
-        float_bias = rel.expand(nw, h, n, n).reshape(1, nw * h, n, n)
-        attn_mask = mask[:, None].expand(nw, h, n, n).reshape(1, nw * h, n, n)
-        return float_bias, attn_mask
-
-    def _build_static_bias(self) -> None:
-        # The mask seen while calibrating (timm: the block's fixed shift mask, or None).
-        mask = self._calib_mask
+    def window_bias(self, mask: torch.Tensor | None) -> torch.Tensor:
+        """The float32 additive bias of the kernel call: the relative-position bias plus the shift
+        mask, (num_windows, H, N, N) ((1, H, N, N) without a mask).  Cached: rebuilt when the bias
+        table, the mask or their versions change (so inference pays nothing per call)."""
+        table = self.relative_position_bias_table
+        key = (table.data_ptr(), table._version, table.dtype, None if mask is None else (mask.data_ptr(), mask._version))
+        cached = self._bias_cache
+        if cached is not None and cached[0] == key:
+            return cached[1]
         with torch.no_grad():
-            float_bias, attn_mask = self._window_bias(mask)
-            heads = self.num_heads * (1 if mask is None else mask.shape[0])
-            self._buffers["qflash_bias"] = self._int_bias(attn_mask, float_bias, heads).contiguous()
-        self._bias_windows = 0 if mask is None else mask.shape[0]
+            bias = self.rel_pos_bias().to(torch.float32)
+            if mask is not None:
+                bias = bias + mask.to(torch.float32)[:, None]
+            bias = bias.contiguous()
+        self._bias_cache = (key, bias)
+        return bias
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         self._check_inference(self.attn_drop.p)
-        b_, n, c = x.shape
-        h, d = self.num_heads, self.head_dim
+        b_, n, _ = x.shape
         nw = 1 if mask is None else mask.shape[0]
         if mask is not None and (mask.dim() != 3 or mask.shape[1:] != (n, n) or b_ % nw):
             raise ValueError(
@@ -143,26 +136,10 @@ class QFlashWindowAttention(QFlashModule):
         if self._observing:
             q, k, v = self.qkv_heads(x)  # (B_, H, N, D)
             self._observe(q, k, v)
-            self._calib_mask = None if mask is None else mask.detach()
-            float_bias, attn_mask = self._window_bias(mask)
-            bias = float_bias if attn_mask is None else float_bias + attn_mask
-            q4, k4, v4 = (t.reshape(b_ // nw, nw * h, n, d) for t in (q, k, v))
-            o = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=bias.to(q.dtype), scale=self.scale)
-            o = o.reshape(b_, h, n, d).transpose(1, 2).reshape(b_, n, -1)
-            return self.proj_drop(self.proj(o))
-        q, k, v = self.kernel_qkv(x)  # (B_, H, N, D), transformed
-        # (B_, H, N, D) -> (B, nW*H, N, D): windows of one image side by side, so the mask and
-        # the bias broadcast over the batch from one (1, nW*H, N, N) tensor.
-        q4, k4, v4 = (t.reshape(b_ // nw, nw * h, n, d) for t in (q, k, v))
-        static_bias = None
-        if self.scale_mode == "static" and self._bias_windows == (0 if mask is None else nw):
-            static_bias = getattr(self, "qflash_bias", None)
-            if static_bias is not None and static_bias.shape[-1] != n:
-                static_bias = None  # built for another window size: rebuild per call below
-        if static_bias is not None:
-            o = self.core(q4, k4, v4, static_bias=static_bias)
-        else:
-            float_bias, attn_mask = self._window_bias(mask)
-            o = self.core(q4, k4, v4, attn_mask=attn_mask, float_bias=float_bias)
-        o = self._unscale_out(o.reshape(b_, h, n, d).transpose(1, 2).reshape(b_, n, -1))
+            bias = self.window_bias(mask).to(q.dtype)  # (Z, H, N, N): window z % Z
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=quant.batch_bias(bias, b_), scale=self.scale)
+            return self.proj_drop(self.proj(o.transpose(1, 2).reshape(b_, n, -1)))
+        q, k, v = self.kernel_qkv(x)  # (B_, H, N, D) views of the projection, transformed
+        o = self.core(q, k, v, self.window_bias(mask))  # laid out (B_, N, H, D)
+        o = self._unscale_out(o.transpose(1, 2).reshape(b_, n, -1))
         return self.proj_drop(self._proj_out(o))

@@ -2,13 +2,14 @@
 static-scale buffers, the exact transforms) and the two timm replacements built on it live in
 :mod:`.attention`; patching in :mod:`.timm`.
 
-Scales.  *Dynamic* (default): per-tensor scales computed on the device per call
-(``torch.ops.qflash_gen.attention``).  *Static*: calibration stores the scales (per tensor, or
-per head), the kernel's integer constants and, for Swin, the integer bias as buffers
-(``qflash_scales``, ``qflash_ints``, ``qflash_floats``, ``qflash_bias``).  A static call is
-quantize + launch (``torch.ops.qflash_gen.attention_static``): no host sync, CUDA-graph
-capturable.  These buffers keep float32 under ``model.half()`` and are saved in the
-``state_dict``.
+Scales.  *Dynamic* (default): one scale per (batch, head) and tensor, computed on the device per
+call, k smoothed by its per-channel mean (``torch.ops.qflash_gen.attention``: two launches, the
+quantizer and the kernel).  *Static*: calibration stores the scales (per tensor, or per head) as
+the buffer ``qflash_scales`` (3, P), kept float32 under ``model.half()`` and saved in the
+``state_dict``; the op reads them as a (P, 4) table (``qflash_table``, rebuilt from them).  A
+static call is quantize + launch (``torch.ops.qflash_gen.attention_static``): no host sync,
+CUDA-graph capturable.  In eager mode the ops' Python implementations are called directly (a
+custom op's dispatch costs host time each call); under ``torch.compile`` the ops are.
 
 Exact transforms (calibration only), which leave float attention unchanged but make the int8
 rounding of q, k, v cheaper:
@@ -33,13 +34,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qflash_gen import checks
+from qflash_gen import checks, quant
 from qflash_gen.config import KernelConfig
-from qflash_gen.integrations import calibration
-from qflash_gen.integrations.ops import config_arg, static_bias, static_params
+from qflash_gen.integrations import calibration, ops
+from qflash_gen.integrations.ops import config_arg, static_table
 
 SCALE_MODES = ("dynamic", "static")
-SCALE_BUFFERS = ("qflash_scales", "qflash_ints", "qflash_floats", "qflash_bias")
+SCALE_BUFFERS = ("qflash_scales",)
+# State-dict keys of earlier releases (integer constants and an integer bias, now derived in the
+# kernel): ignored when loading; the scales they came with are enough.
+LEGACY_KEYS = ("qflash_ints", "qflash_floats", "qflash_bias", "qflash_bias_windows")
 # The exact transforms (float32, (H, D), persistent): k shift, q/k channel scale s, v channel scale t.
 TRANSFORM_BUFFERS = ("qflash_kmean", "qflash_qk_eq", "qflash_v_eq")
 STATIC_BUFFERS = SCALE_BUFFERS + TRANSFORM_BUFFERS  # saved, kept float32 under model.half()
@@ -63,7 +67,6 @@ class QFlashModule(nn.Module):
         self.scale_mode = "dynamic"
         self._observer: dict[str, torch.Tensor] | None = None  # per (head, channel) statistics while calibrating
         self._observing = False
-        self._bias_windows: int | None = None  # number of windows the static bias was built for
         # The folded weights are derived from the parameters of the children (qkv, proj): rebuild
         # them once a state_dict has been loaded into those too.
         self.register_load_state_dict_post_hook(_refresh_after_load)
@@ -77,18 +80,13 @@ class QFlashModule(nn.Module):
                 self._buffers.pop(name, None)
             for name, t in found.items():
                 self._buffers[name] = t.detach().clone().to(device)
-            self._bias_windows = int(state_dict.get(prefix + "qflash_bias_windows", torch.tensor(-1)).item())
-            if self._bias_windows < 0:
-                self._bias_windows = None
-            self.scale_mode = "static"
+            if "qflash_scales" in found:
+                self._set_table()
+                self.scale_mode = "static"
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
-        if prefix + "qflash_bias_windows" in unexpected_keys:
-            unexpected_keys.remove(prefix + "qflash_bias_windows")
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self._bias_windows is not None and "qflash_bias" in self._buffers:
-            destination[prefix + "qflash_bias_windows"] = torch.tensor(self._bias_windows)
+        for name in LEGACY_KEYS:
+            if prefix + name in unexpected_keys:
+                unexpected_keys.remove(prefix + name)
 
     def _apply(self, fn, recurse=True):
         # Keep the static buffers' dtypes (model.half() must not round the scales); follow the device.
@@ -97,6 +95,8 @@ class QFlashModule(nn.Module):
         device = self._param_device()
         for name, t in saved.items():
             self._buffers[name] = t.to(device)
+        if "qflash_scales" in saved:
+            self._set_table()
         self._refresh_folded()  # from the weights in their new dtype / device
         return self
 
@@ -112,11 +112,6 @@ class QFlashModule(nn.Module):
             f"heads={self.num_heads}, head_dim={self.head_dim}, scales={self.scale_mode}"
             f"{'/per-head' if self.per_head else ''}{transforms}, config={cfg}, backend={self.backend!r}"
         )
-
-    @property
-    def bias_windows(self) -> int | None:
-        """Swin: the window count the static integer bias was built for (0: no shift mask), else None."""
-        return self._bias_windows
 
     @property
     def per_head(self) -> bool:
@@ -287,17 +282,16 @@ class QFlashModule(nn.Module):
         if scales.shape[1] not in (1, self.num_heads):
             raise ValueError(f"scales has P={scales.shape[1]} columns; use 1 or num_heads={self.num_heads}")
         scales = scales.detach().to(self._param_device(), torch.float32)
-        ints, floats = static_params(scales, self.head_dim, self.scale)
+        for name, x in zip(("sq", "sk", "sv"), scales, strict=True):
+            if not bool((torch.isfinite(x) & (x > 0)).all()):
+                raise ValueError(f"static scales {name} must be finite and > 0, got {x.tolist()}")
         self._buffers["qflash_scales"] = scales
-        self._buffers["qflash_ints"] = ints
-        self._buffers["qflash_floats"] = floats
-        self._buffers.pop("qflash_bias", None)
-        self._bias_windows = None
-        self._build_static_bias()
+        self._set_table()
         self.scale_mode = "static"
 
-    def _build_static_bias(self) -> None:
-        """Swin: precompute the integer bias for the scales just set (ViT: nothing)."""
+    def _set_table(self) -> None:
+        """The op's (P, 4) scale table from ``qflash_scales`` (not saved: derived)."""
+        self.register_buffer("qflash_table", static_table(self._buffers["qflash_scales"]), persistent=False)
 
     def set_scale_mode(self, mode: str) -> None:
         if mode not in SCALE_MODES:
@@ -314,32 +308,17 @@ class QFlashModule(nn.Module):
             )
 
     # -- the attention core --------------------------------------------------------------------
-    def _int_bias(
-        self, attn_mask: torch.Tensor | None, float_bias: torch.Tensor | None, heads: int
-    ) -> torch.Tensor | None:
-        """Integer bias for the static constants (one bias_to_int per scale column, on the device).
-
-        ``heads``: the head axis of the kernel call (H, or num_windows * H for Swin)."""
-        return static_bias(self.qflash_ints, self.qflash_floats, attn_mask, float_bias, heads)
-
-    def core(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        attn_mask: torch.Tensor | None = None,
-        float_bias: torch.Tensor | None = None,
-        static_bias: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The custom op on q, k, v as the kernel sees them (already transformed)."""
+    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The attention op on q, k, v as the kernel sees them (already transformed), in the
+        current scale mode.  ``bias``: a float additive bias (``quant.additive_bias``; -inf =
+        masked), its batch axis 1, B, or a divisor of B (row z % Z), or None.  The result is laid
+        out (B, N, H, D) in memory (``api.output_like``)."""
+        compiling = torch.compiler.is_compiling()
         if self.scale_mode == "static":
-            bias = static_bias if static_bias is not None else self._int_bias(attn_mask, float_bias, q.shape[1])
-            return torch.ops.qflash_gen.attention_static(
-                q, k, v, self.qflash_scales, self.qflash_ints, self.qflash_floats, bias, self.config_arg, self.backend
-            )
-        return torch.ops.qflash_gen.attention(
-            q, k, v, attn_mask, float_bias, float(self.scale), self.config_arg, self.backend
-        )
+            args = (q, k, v, self.qflash_table, bias, float(self.scale), self.config_arg, self.backend)
+            return torch.ops.qflash_gen.attention_static(*args) if compiling else ops.attention_static_impl(*args)
+        args = (q, k, v, None, bias, float(self.scale), self.config_arg, self.backend)
+        return torch.ops.qflash_gen.attention(*args) if compiling else ops.attention_impl(*args)
 
     def attend(
         self,
@@ -348,14 +327,12 @@ class QFlashModule(nn.Module):
         v: torch.Tensor,
         attn_mask: torch.Tensor | None = None,
         float_bias: torch.Tensor | None = None,
-        static_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The attention core on the original (B, H, N, D) q, k, v as this module runs it (its
-        transforms, the custom op in the current scale mode, the output back in v's units):
-        an approximation of ``softmax(scale * q k^T + bias) v``.  ``static_bias``: a precomputed
-        int32 bias for static scales."""
+        transforms, the op in the current scale mode, the output back in v's units): an
+        approximation of ``softmax(scale * q k^T + bias) v``."""
         q, k, v = self.to_kernel(q, k, v)
-        return self.from_kernel(self.core(q, k, v, attn_mask, float_bias, static_bias))
+        return self.from_kernel(self.core(q, k, v, quant.additive_bias(attn_mask, float_bias)))
 
 
 def _refresh_after_load(module: QFlashModule, _incompatible_keys) -> None:

@@ -107,7 +107,7 @@ def _inputs(shape: ShapeSpec, seed: int, device: torch.device) -> dict[str, Any]
         win = swin_shift_mask(shape.windows, device=device) if n == 49 else None
         if win is not None:
             mask = win.repeat(b // shape.windows, 1, 1).unsqueeze(1)  # (B, 1, N, N)
-        bias = quant.bias_to_int(mask, params, float_bias=float_bias)
+        bias = quant.additive_bias(mask, float_bias)  # float32, converted per group by the kernel
     qf, kf, vf = q8.double() * sq.double(), k8.double() * sk.double(), v8.double() * sv.double()
     ref = reference.float_attention(qf, kf, vf, attn_mask=mask, float_bias=float_bias)
     got = {"q8": q8, "k8": k8, "v8": v8, "params": params, "bias": bias, "ref": ref, "sv": sv}
