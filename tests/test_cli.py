@@ -8,6 +8,7 @@ is exactly the piped case the tools must keep plain.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import re
 
 import pytest
@@ -472,6 +473,13 @@ def test_db_report_takes_sdpa_baselines_from_a_bench_csv(capsys, tmp_path):
     assert code == 0, err
     text = md.read_text()
     assert "| 15.00 (sdpa_cudnn) | 0.75x |" in text, text
+    # A CUDA-graph latency is compared with graph-replayed SDPA, not with do_bench (issue 20)
+    graph = _entry((8, 12, 197, 64), VIT_B_CFG, 5.5)
+    graph = dataclasses.replace(graph, protocol={**PROTOCOL, "timing": "cudagraph"})
+    db.write_entries(d / "h100.yaml", [graph], gpu="h100", force=True)
+    code, _, err = run_db(capsys, "report", "--gpu", "h100", "--out", str(md), "--db", str(d), "--bench", str(csv_path))
+    assert code == 0, err
+    assert "| cudagraph | 5.50 | 0.20 | 11.00 (sdpa_cudnn) | 2.00x |" in md.read_text(), md.read_text()
     bad = tmp_path / "bad.csv"
     bad.write_text("gpu,mode,impl,us\nh100,fp16,sdpa_flash,abc\n")
     code, _, err = run_db(capsys, "report", "--gpu", "h100", "--out", str(md), "--db", str(d), "--bench", str(bad))
