@@ -272,7 +272,7 @@ def write_entries(
     with _cache_lock:
         _generation += 1
     if report.not_fresh:
-        logger.warning("%s: %s", path, report.tier_note())
+        logger.info("%s: %s", path, report.tier_note())  # qflash-tune prints it in its DB line
     return report
 
 
