@@ -3,7 +3,9 @@
 A fenced block is checked when the line before its opening fence is ``<!-- doc-test -->``.  In it,
 ``$ cmd`` lines are commands (a trailing backslash continues one) and the lines up to the next
 ``$`` are the output shown.  All checked blocks of one file run in one bash session, in order,
-from the repository root (so ``export`` and ``cd`` carry over, and ``echo $?`` works), with
+from the repository root (so ``export`` and ``cd`` carry over, and ``echo $?`` works); blocks
+marked ``<!-- doc-test session=NAME -->`` run in a session of their own, side by side with the
+others (commands that need no state, to keep the test short).  Sessions run with
 stderr merged into stdout, no colour, and fresh, empty user locations: ``$QFLASH_GEN_DB``, the
 kernel cache and the study storage live in a temporary folder.  Blocks of GPU-only commands are
 not marked (the docs label them as GPU runs).
@@ -35,7 +37,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-MARK = "<!-- doc-test -->"
+MARK = re.compile(r"^<!-- doc-test(?: session=(\w+))? -->$")
 DEMO = "/tmp/demo"
 UPDATE = os.environ.get("QFLASH_DOCS_UPDATE", "") not in ("", "0")
 DOCS = ["README.md", "docs/inspecting.md", "docs/energy.md"]
@@ -43,6 +45,7 @@ DOCS = ["README.md", "docs/inspecting.md", "docs/energy.md"]
 
 @dataclasses.dataclass
 class Command:
+    session: str
     text: str  # the command, continuations joined
     line: int  # 1-based line of its "$"
     expected: list[str]
@@ -56,14 +59,17 @@ def parse(path: Path) -> list[Command]:
     out: list[Command] = []
     i = 0
     while i < len(lines):
-        if lines[i].strip() != MARK:
+        mark = MARK.match(lines[i].strip())
+        if mark is None:
+            if lines[i].strip().startswith("<!-- doc-test"):
+                raise AssertionError(f"{path}:{i + 1}: a doc-test marker is <!-- doc-test --> or <!-- doc-test session=NAME -->")
             i += 1
             continue
         j = i + 1
         while j < len(lines) and not lines[j].strip():
             j += 1
         if j >= len(lines) or not lines[j].startswith("```"):
-            raise AssertionError(f"{path}:{i + 1}: {MARK} must stand right before a fenced block")
+            raise AssertionError(f"{path}:{i + 1}: a doc-test marker must stand right before a fenced block")
         k = j + 1
         current: Command | None = None
         while k < len(lines) and not lines[k].startswith("```"):
@@ -74,7 +80,7 @@ def parse(path: Path) -> list[Command]:
                 while cmd.endswith("\\") and k + 1 < len(lines):
                     k += 1
                     cmd = cmd[:-1] + " " + lines[k].strip()
-                current = Command(cmd.strip(), start + 1, [], k + 1, k + 1)
+                current = Command(mark[1] or "main", cmd.strip(), start + 1, [], k + 1, k + 1)
                 out.append(current)
             elif current is not None:
                 current.expected.append(text.rstrip())
@@ -162,15 +168,19 @@ def _updated(expected: list[str], actual: list[str]) -> list[str]:
     return head + (["..."] if cut else []) + tail
 
 
-def _check_doc(doc: str, tmp: Path) -> list[str]:
+def _sessions(doc: str) -> dict[str, list[Command]]:
+    out: dict[str, list[Command]] = {}
+    for c in parse(ROOT / doc):
+        out.setdefault(c.session, []).append(c)
+    return out
+
+
+def _compare(doc: str, results: list[tuple[Command, list[str]]]) -> list[str]:
+    """Failures of one doc (or, with QFLASH_DOCS_UPDATE, the doc rewritten and none)."""
     path = ROOT / doc
-    commands = parse(path)
-    if not commands:
-        return []
-    outputs = _run(path, commands, tmp)
     failures = []
     new_lines = path.read_text(encoding="utf-8").splitlines()
-    for c, actual in reversed(list(zip(commands, outputs, strict=True))):
+    for c, actual in sorted(results, key=lambda r: r[0].line, reverse=True):
         if matches(c.expected, actual):
             continue
         if UPDATE:
@@ -199,13 +209,17 @@ def test_every_marker_opens_a_block():
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="the docs' sessions are bash")
 def test_documented_commands_print_what_the_docs_show(tmp_path):
-    """Each doc in its own session and folder; the docs run side by side."""
-    with ThreadPoolExecutor(max_workers=len(DOCS)) as pool:
+    """Each (doc, session) in its own bash session and folder; the sessions run side by side."""
+    jobs = [(doc, name, cmds) for doc in DOCS for name, cmds in _sessions(doc).items()]
+    with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
         futures = []
-        for n, doc in enumerate(DOCS):
-            d = tmp_path / f"doc{n}"
+        for n, (doc, _, cmds) in enumerate(jobs):
+            d = tmp_path / f"s{n}"
             d.mkdir()
-            futures.append(pool.submit(_check_doc, doc, d))
-        failures = [f for fut in futures for f in fut.result()]
+            futures.append(pool.submit(_run, ROOT / doc, cmds, d))
+        results: dict[str, list[tuple[Command, list[str]]]] = {}
+        for (doc, _, cmds), fut in zip(jobs, futures, strict=True):
+            results.setdefault(doc, []).extend(zip(cmds, fut.result(), strict=True))
+    failures = [f for doc, res in results.items() for f in _compare(doc, res)]
     hint = "\n\nIf the change is intended: QFLASH_DOCS_UPDATE=1 python -m pytest tests/test_docs.py, then review the diff."
     assert not failures, "\n\n".join(failures) + hint

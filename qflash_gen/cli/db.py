@@ -126,10 +126,11 @@ def _db_show(args: argparse.Namespace, printer: Printer) -> int:
                         continue
                     used = in_use.get(key)
                     if used is not None and used[0] is entry:
-                        status = "in use" if tier == db.FRESH else f"in use ({tier_text(entry, tier)})"
-                    else:
-                        status = f"{tier_text(entry, tier)}; not used: {used[1]} has a {db.TIER_LABELS[used[2]]} entry"
-                    doc = {"gpu": gpu, "file": str(f.path), "layer": f.layer, "status": status, **entry.to_dict()}
+                        status = "in use"
+                    else:  # another layer's entry, or one of a better tier, answers for this key
+                        status = f"not used; the {db.TIER_LABELS[used[2]]} entry in the {layer_name(used[1])} layer answers"
+                    doc = {"gpu": gpu, "file": str(f.path), "layer": f.layer, "tier": tier_text(entry, tier),
+                           "status": status, **entry.to_dict()}  # fmt: skip
                     base = best_baseline(entry)
                     if base:
                         doc["speedup_vs_best_baseline"] = round(base[1] / entry.latency_us, 3)
