@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MARK = re.compile(r"^<!-- doc-test(?: session=(\w+))? -->$")
 DEMO = "/tmp/demo"
 UPDATE = os.environ.get("QFLASH_DOCS_UPDATE", "") not in ("", "0")
-DOCS = ["README.md", "docs/inspecting.md", "docs/energy.md"]
+DOCS = ["README.md", "docs/inspecting.md", "docs/energy.md", "docs/reliability.md"]
 
 
 @dataclasses.dataclass

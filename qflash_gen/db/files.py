@@ -11,7 +11,6 @@ docs/reliability.md.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import logging
 import os
 import threading
@@ -265,10 +264,9 @@ def write_entries(
         raise DBError(
             f"could not take the lock {lock.lock_file} within {timeout} s (another writer stuck?)", path
         ) from None
-    except OSError as exc:  # the folder is read-only, or a path component is not a folder
-        if isinstance(exc, (FileExistsError, NotADirectoryError)) or exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
-            raise DBError(f"cannot write it: {exc.strerror or exc} ({exc.filename or path})", path) from None
-        raise
+    except OSError as exc:  # a read-only or missing folder, a full disk, a path component that is a file
+        where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(path) else ""
+        raise DBError(f"cannot write it: {exc.strerror or exc}{where}", path) from None
     with _cache_lock:
         _generation += 1
     if report.not_fresh:
