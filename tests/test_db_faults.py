@@ -3,6 +3,7 @@ contract.  Each test fails on the code before the fix; docs/reliability.md cites
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import random
@@ -162,7 +163,8 @@ def test_simulate_says_when_its_entries_are_not_fresh_and_get_kernel_uses_them(t
 
 def test_write_report_names_entries_of_other_software(tmp_path, caplog):
     running = db.running_software()
-    report = db.write_entries(tmp_path / "h100.yaml", [entry(16, software={**running, "triton": "3.1.0"})])
+    with caplog.at_level(logging.INFO, logger="qflash_gen.db"):
+        report = db.write_entries(tmp_path / "h100.yaml", [entry(16, software={**running, "triton": "3.1.0"})])
     assert report.not_fresh == [(workload_key(1, 16, 197, 64).to_str(), "triton-3.1")]
     assert "written with triton-3.1" in report.describe() and "written with" in caplog.text
     assert not db.write_entries(tmp_path / "h100.yaml", [entry(32)]).not_fresh
