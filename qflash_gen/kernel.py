@@ -1,6 +1,6 @@
 """``get_kernel(shape)``: the tuned kernel for a workload on a GPU, and a lean call path.
 
-Lookup chain (``Kernel.why`` says which step answered):
+Lookup ladder (``Kernel.why`` says which step answered):
 
 1. ``"exact"``: the DB holds this GPU's entry for the workload key.
 2. ``"nearest:<key>"``: an entry on this GPU with the same N, D, masking and dtypes, from the
@@ -10,10 +10,16 @@ Lookup chain (``Kernel.why`` says which step answered):
    own file is stale or empty takes the H100's tuned configs).  Tuned configs compile and give
    the same bits on any GPU of the architecture; only their speed was measured elsewhere.
    MIG slices and unknown names have no siblings.
-4. ``"default"``: ``config.default_config(N, D)``, the verified safe default (also on machines
+4. Steps 1 to 3 over the entries measured with another Triton major.minor of this template,
+   then over those of another template whose config maps onto this ``KernelConfig`` (fields
+   it knows, values it accepts, ``check_workload`` passed: ``db.parse``); ``why`` ends with
+   what differs, e.g. ``"exact:triton-3.6"`` or ``"sibling:h100:exact:template-8da88910"``.  The
+   kernel's bits do not depend on either (oracle equality is a property of the template and
+   the config); only the speed ranking may have moved.
+5. ``"default"``: ``config.default_config(N, D)``, the verified safe default (also on machines
    without CUDA when no ``gpu=`` is named: ``Kernel.gpu == "cpu"``).
 
-It never tunes.  A fallback (2 to 4) is logged once per (GPU, key) on logger
+It never tunes.  A fallback (2 to 5) is logged once per (GPU, key) on logger
 ``qflash_gen.kernel``.  Kernels are cached in-process per (DB, GPU, key); a write to the DB from
 this process drops the cache (``db.generation()``), writes from other processes are seen after
 ``clear_cache()`` or a restart.
@@ -73,7 +79,9 @@ class Kernel:
         key: the WorkloadKey it was looked up for (N and D of every call must match it).
         gpu: short name of the GPU it was looked up for (``"cpu"``: no DB); a sibling's
             entry (``why`` ``"sibling:..."``) came from that card's file, named by ``origin``.
-        why: ``"exact"``, ``"nearest:<key>"``, ``"sibling:<gpu>:..."`` or ``"default"``.
+        why: ``"exact"``, ``"nearest:<key>"``, ``"sibling:<gpu>:..."``, any of those ending in
+            ``":triton-X.Y"`` / ``":template-<hash8>"`` (an entry of another Triton or
+            template), or ``"default"``.
         entry: the DB entry behind ``config`` (None for ``"default"``); ``origin`` its file.
         source: the rendered Triton source (``codegen.render(config)``).
     """
@@ -267,33 +275,49 @@ def siblings(gpu: str, database: tuning_db.TuningDB) -> list[str]:
     return [g for g, s in KNOWN_GPUS.items() if g != gpu and s.cc == spec.cc and g in have]
 
 
-def _from_db(database: tuning_db.TuningDB, source: str, gpu: str, key: WorkloadKey, why_prefix: str = "") -> Kernel | None:
-    """The exact or nearest-bucket entry for ``key`` in ``source``'s DB that fits N and D, as the
-    Kernel run on ``gpu``; None when there is none."""
-    located = database.located(source)
+def _from_db(
+    database: tuning_db.TuningDB, source: str, gpu: str, key: WorkloadKey, why_prefix: str = "", tier: str = tuning_db.FRESH
+) -> Kernel | None:
+    """The exact or nearest-bucket entry of ``tier`` for ``key`` in ``source``'s DB that fits N
+    and D, as the Kernel run on ``gpu``; None when there is none."""
+    located = database.located(source, tier)
+
+    def why(step: str, entry: tuning_db.Entry) -> str:
+        label = tuning_db.software_label(entry.software) if tier != tuning_db.FRESH else ""
+        return f"{why_prefix}{step}" + (f":{label}" if label else "")
+
     hit = located.get(key)
     if hit is not None and fits(hit[0].config, key.n, key.d):
-        return Kernel(hit[0].config, key, gpu, f"{why_prefix}exact", hit[0], hit[1])
+        return Kernel(hit[0].config, key, gpu, why("exact", hit[0]), hit[0], hit[1])
     usable = {k: v for k, v in located.items() if fits(v[0].config, key.n, key.d)}
     near = nearest_key(key, usable)
     if near is None:
         return None
     entry, origin = usable[near]
-    return Kernel(entry.config, key, gpu, f"{why_prefix}nearest:{near.to_str()}", entry, origin)
+    return Kernel(entry.config, key, gpu, why(f"nearest:{near.to_str()}", entry), entry, origin)
+
+
+def _climb(database: tuning_db.TuningDB, gpu: str, key: WorkloadKey) -> Kernel | None:
+    """The ladder's DB steps (module doc): per tier, this GPU then its siblings."""
+    others = siblings(gpu, database)
+    for tier in tuning_db.TIERS:
+        kern = _from_db(database, gpu, gpu, key, tier=tier)
+        if kern is not None:
+            return kern
+        for other in others:
+            kern = _from_db(database, other, gpu, key, why_prefix=f"sibling:{other}:", tier=tier)
+            if kern is not None:
+                return kern
+    return None
 
 
 def _choose(database: tuning_db.TuningDB, gpu: str, key: WorkloadKey) -> Kernel:
     default = default_config(key.n, key.d)
     if gpu == CPU:
         return Kernel(default, key, gpu, "default")
-    kern = _from_db(database, gpu, gpu, key)
+    kern = _climb(database, gpu, key)
     if kern is not None and kern.why == "exact":
         return kern  # the one answer that is not logged
-    if kern is None:
-        for other in siblings(gpu, database):
-            kern = _from_db(database, other, gpu, key, why_prefix=f"sibling:{other}:")
-            if kern is not None:
-                break
     if kern is None:
         kern = Kernel(default, key, gpu, "default")
     marker = (gpu, key.to_str(), kern.why)

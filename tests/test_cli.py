@@ -8,6 +8,7 @@ is exactly the piped case the tools must keep plain.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import re
 
 import pytest
@@ -322,7 +323,7 @@ def test_db_ls_lists_gpus_and_entries(capsys, db_dir):
     code, out, err = run_db(capsys, "ls", "--db", str(db_dir))
     assert code == 0, err
     assert not ANSI.search(out)
-    assert re.search(r"\| h100 .*\| 2 +\| 0 +\|", out) and re.search(r"\| h200 .*\| 1 +\| 0 +\|", out)
+    assert re.search(r"\| h100 .*\| 2 +\| 0 +\| 0 +\| 0 +\|", out) and re.search(r"\| h200 .*\| 1 +\| 0 +\|", out)
     row = next(line for line in out.splitlines() if "n197_d64_nomask_bh16_fp16-fp16" in line and "A3 b1" in line)
     assert "m64n256w4s2" in row and "15.90 (sdpa_cudnn)" in row and "1.35x" in row
 
@@ -348,18 +349,28 @@ def test_db_check_flags_stale_entry_and_corrupt_file(capsys, db_dir):
 
     code, out, err = run_db(capsys, "check", "--db", str(db_dir))
     assert code == 0 and out.count("OK ") == 2, out + err
-    # Plant a stale entry: the same key measured under another template.
+    # Plant two entries measured under another template: one whose config maps onto this
+    # KernelConfig (usable after the fresh ones), one with a field it does not know (stale).
     path = db_dir / "h100.yaml"
     doc = yaml.safe_load(path.read_text())
     old = dict(doc["entries"][0], key="n197_d64_nomask_bh64_fp16-fp16", software={"template_hash": "0" * 64})
-    doc["entries"].append(old)
+    unknown = dict(old, key="n197_d64_nomask_bh128_fp16-fp16", config={**old["config"], "pack_heads": 2})
+    doc["entries"] += [old, unknown]
+    doc["header"]["entry_count"] = len(doc["entries"])
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    code, out, err = run_db(capsys, "check", "--db", str(db_dir))
+    code, out, err = run_db(capsys, "check", "-v", "--db", str(db_dir))
     assert code == 0, out + err  # stale is not an error ...
+    assert "h100.yaml: 2 usable, 0 usable (other Triton), 1 usable (other template), 1 stale" in out
+    other = [line for line in out.splitlines() if line.strip().startswith("other-template")]
+    assert len(other) == 1 and "n197_d64_nomask_bh64_fp16-fp16: template-00000000" in other[0]
     stale = [line for line in out.splitlines() if line.strip().startswith("stale")]
-    assert len(stale) == 1 and "n197_d64_nomask_bh64_fp16-fp16" in stale[0] and "template 000000000000" in stale[0]
-    assert re.search(r"h100\.yaml:\d+:", stale[0])
+    assert len(stale) == 1 and "n197_d64_nomask_bh128_fp16-fp16" in stale[0] and "template 000000000000" in stale[0]
+    assert "pack_heads" in stale[0] and re.search(r"h100\.yaml:\d+:", stale[0])
     assert run_db(capsys, "check", "--strict", "--db", str(db_dir))[0] == 1  # ... unless asked
+    code, out, _ = run_db(capsys, "ls", "--db", str(db_dir))
+    row = next(line for line in out.splitlines() if "n197_d64_nomask_bh64_fp16-fp16" in line)
+    assert "usable (other template): template-00000000" in row
+    assert re.search(r"\| h100 .*\| 2 +\| 0 +\| 1 +\| 1 +\|", out)
     # A corrupt file: an indentation error on a known line.
     bad = db_dir / "h200.yaml"
     lines = bad.read_text().splitlines()
@@ -462,6 +473,13 @@ def test_db_report_takes_sdpa_baselines_from_a_bench_csv(capsys, tmp_path):
     assert code == 0, err
     text = md.read_text()
     assert "| 15.00 (sdpa_cudnn) | 0.75x |" in text, text
+    # A CUDA-graph latency is compared with graph-replayed SDPA, not with do_bench (issue 20)
+    graph = _entry((8, 12, 197, 64), VIT_B_CFG, 5.5)
+    graph = dataclasses.replace(graph, protocol={**PROTOCOL, "timing": "cudagraph"})
+    db.write_entries(d / "h100.yaml", [graph], gpu="h100", force=True)
+    code, _, err = run_db(capsys, "report", "--gpu", "h100", "--out", str(md), "--db", str(d), "--bench", str(csv_path))
+    assert code == 0, err
+    assert "| cudagraph | 5.50 | 0.20 | 11.00 (sdpa_cudnn) | 2.00x |" in md.read_text(), md.read_text()
     bad = tmp_path / "bad.csv"
     bad.write_text("gpu,mode,impl,us\nh100,fp16,sdpa_flash,abc\n")
     code, _, err = run_db(capsys, "report", "--gpu", "h100", "--out", str(md), "--db", str(d), "--bench", str(bad))

@@ -264,33 +264,80 @@ def test_a_corrupt_file_is_never_overwritten(good_file):
 
 
 # -- staleness -----------------------------------------------------------------------------------
-def test_stale_entries_are_skipped_and_logged_once(tmp_path, caplog):
+def test_entries_of_other_software_are_fallbacks_and_unmappable_ones_stale(tmp_path, caplog):
     path = tmp_path / "h100.yaml"
     running = db.running_software()
-    stale = [
-        entry(16, software={**running, "triton": "2.1.0"}),
-        entry(32, software={**running, "template_hash": "f" * 64}),
-        entry(64, software={**running, **OLD_SOFTWARE}),
+    other = [
+        entry(16, software={**running, "triton": "2.1.0"}),  # same template, another Triton
+        entry(32, software={**running, "template_hash": "f" * 64}),  # another template
+        entry(64, software={**running, **OLD_SOFTWARE}),  # both
+        entry(256, software={**running, "template_hash": "e" * 64}),  # another template, a field it lacks
     ]
     fresh = entry(128)
-    db.write_entries(path, [*stale, fresh])
-    # A stale entry may hold a config this KernelConfig no longer understands: still no crash.
+    db.write_entries(path, [*other, fresh])
+    # Another template may have had other fields: one we do not know makes that entry stale (no
+    # crash), one we have and it lacks takes our default.
     text = path.read_text()
-    path.write_text(text.replace("  config:\n", "  config:\n    pack_heads: 2\n", 1))
+    text = text.replace("  config:\n", "  config:\n    pack_heads: 2\n", 1)
+    path.write_text(re.sub(r"(bh256_fp16-fp16\n  config:\n)    block_m: 64\n", r"\1", text))
     assert "pack_heads" in yaml.safe_load(path.read_text())["entries"][0]["config"]
 
-    with caplog.at_level(logging.WARNING, logger="qflash_gen.db"):
+    caplog.clear()  # the write's own note (tested below)
+    with caplog.at_level(logging.INFO, logger="qflash_gen.db"):
         loaded = db.load_file(path)
         db.load_file(path)  # cached: no second line
         db.TuningDB([tmp_path]).entries("h100")
     assert list(loaded.entries) == [fresh.key]
-    assert sorted(s.key for s in loaded.stale) == sorted(e.key.to_str() for e in stale)
-    reasons = {s.key: s.reason for s in loaded.stale}
-    assert "triton 2.1" in reasons[stale[0].key.to_str()]
-    assert "template" in reasons[stale[1].key.to_str()]
+    assert [s.key for s in loaded.stale] == [other[0].key.to_str()]
+    assert "pack_heads" in loaded.stale[0].reason and "triton 2.1" in loaded.stale[0].reason
+    tiers = {f.entry.key: (f.tier, f.label) for f in loaded.fallbacks}
+    assert tiers == {
+        other[1].key: (db.OTHER_TEMPLATE, "template-ffffffff"),
+        other[2].key: (db.OTHER_TEMPLATE, "triton-2.1:template-00000000"),
+        other[3].key: (db.OTHER_TEMPLATE, "template-eeeeeeee"),
+    }
+    assert loaded.tier(db.OTHER_TEMPLATE)[other[3].key].config.block_m == KernelConfig().block_m
+    assert loaded.count(db.FRESH) == 1 and loaded.count(db.OTHER_TRITON) == 0
     records = [r for r in caplog.records if r.name == "qflash_gen.db"]
-    assert len(records) == 1
-    assert "skipped 3 stale or unsafe entries" in records[0].getMessage() and str(path) in records[0].getMessage()
+    assert [r.levelname for r in records] == ["INFO", "WARNING"]
+    assert "3 entries of another Triton or template" in records[0].getMessage()
+    assert "skipped 1 stale entry" in records[1].getMessage() and str(path) in records[1].getMessage()
+
+
+def test_an_entry_of_another_triton_keeps_its_config(tmp_path):
+    path = tmp_path / "h100.yaml"
+    cfg = DEFAULT_CONFIG.replace(block_n=256)
+    db.write_entries(path, [entry(16, config=cfg, software={**db.running_software(), "triton": "3.1.0"})])
+    (fb,) = db.load_file(path).fallbacks
+    assert fb.tier == db.OTHER_TRITON and fb.label == "triton-3.1" and fb.entry.config == cfg
+
+
+@pytest.mark.parametrize(
+    ("edit", "reason"),
+    [
+        (("    block_m: 64\n", "    block_m: 63\n"), "block_m=63"),  # a value this KernelConfig refuses
+        (("    acc_bits: 32\n", "    acc_bits: 32\n    block_q: 2\n"), "block_q"),  # a field it does not know
+        (("  latency_us: 10.0\n", "  latency_us: -1.0\n"), "latency_us"),  # evidence that cannot be right
+    ],
+)
+def test_entries_of_another_template_that_cannot_be_right_are_stale(tmp_path, edit, reason):
+    path = tmp_path / "h100.yaml"
+    db.write_entries(path, [entry(16, software={**db.running_software(), "template_hash": "f" * 64})])
+    path.write_text(path.read_text().replace(*edit, 1))
+    loaded = db.load_file(path)
+    assert not loaded.fallbacks and not loaded.entries
+    assert reason in loaded.stale[0].reason and "template" in loaded.stale[0].reason
+
+
+def test_an_entry_of_another_template_that_can_overflow_is_stale(tmp_path):
+    n = 1100
+    assert not fits(DEFAULT_CONFIG, n, 64)
+    path = tmp_path / "h100.yaml"
+    db.write_entries(path, [entry(16, n=n, config=DEFAULT_CONFIG.replace(acc_bits=64))])
+    text = path.read_text().replace("    acc_bits: 64\n", "    acc_bits: 32\n")
+    path.write_text(text.replace(codegen.template_hash(), "f" * 64))
+    loaded = db.load_file(path)
+    assert not loaded.fallbacks and "unsafe for its workload" in loaded.stale[0].reason
 
 
 def test_unsafe_entry_is_skipped_not_used(tmp_path, caplog):
@@ -303,6 +350,7 @@ def test_unsafe_entry_is_skipped_not_used(tmp_path, caplog):
     raw = yaml.safe_load(path.read_text())
     raw["entries"].append({**raw["entries"][0], "key": workload_key(1, 32, n, 64).to_str(),
                            "config": DEFAULT_CONFIG.to_dict()})  # fmt: skip
+    raw["header"]["entry_count"] = len(raw["entries"])  # a hand edit keeps the count right
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     with caplog.at_level(logging.WARNING, logger="qflash_gen.db"):
         loaded = db.load_file(path)

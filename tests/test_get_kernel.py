@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -151,6 +152,114 @@ def test_a_stale_own_file_falls_back_to_the_sibling(tdb, tmp_path):
     assert not tdb.located("h200")  # skipped as stale
     kern = kernel.get_kernel(shape, gpu="h200", db=tdb)
     assert kern.why == "sibling:h100:exact" and kern.config == TUNED
+
+
+# -- the ladder: fresh, then another Triton, then another template (issue 20) ----------------------
+OTHER_TRITON = {"triton": "3.6.0"}
+OTHER_TEMPLATE = {"template_hash": "f" * 64}
+
+
+def other_entry(key: WorkloadKey, config: KernelConfig = TUNED, latency: float = 10.0, **software) -> db.Entry:
+    e = make_entry(key, config, latency)
+    running = db.running_software()
+    assert db.triton_minor(running["triton"]) != "3.6"  # else "another Triton" would be this one
+    return dataclasses.replace(e, software={**running, **software})
+
+
+def test_an_entry_of_another_triton_is_used_and_named(tdb):
+    shape = (2, 6, 197, 64)
+    tdb.write("h100", [other_entry(workload_key(shape), **OTHER_TRITON)])
+    kern = kernel.get_kernel(shape, gpu="h100", db=tdb)
+    assert kern.why == "exact:triton-3.6" and kern.config == TUNED and kern.origin == tdb.path("h100")
+    far = kernel.get_kernel((64, 6, 197, 64), gpu="h100", db=tdb)
+    assert far.why == f"nearest:{workload_key(shape).to_str()}:triton-3.6" and far.config == TUNED
+
+
+def test_an_entry_of_another_template_is_mapped_and_named(tdb):
+    shape = (2, 6, 197, 64)
+    tdb.write("h100", [other_entry(workload_key(shape), **OTHER_TEMPLATE)])
+    kern = kernel.get_kernel(shape, gpu="h100", db=tdb)
+    assert kern.why == "exact:template-ffffffff" and kern.config == TUNED
+    kernel.clear_cache()
+    tdb.write("h100", [other_entry(workload_key(shape), **OTHER_TEMPLATE, **OTHER_TRITON)])
+    assert kernel.get_kernel(shape, gpu="h100", db=tdb).why == "exact:triton-3.6:template-ffffffff"
+
+
+def test_a_field_the_config_lacks_takes_its_default_and_what_cannot_be_right_is_refused(tdb):
+    shape = (2, 6, 197, 64)
+    tdb.write("h100", [other_entry(workload_key(shape), **OTHER_TEMPLATE)])
+    path = tdb.path("h100")
+    text = path.read_text()
+    path.write_text(text.replace("    rescale_bits: 4\n", ""))  # a template before the field existed
+    kernel.clear_cache()
+    kern = kernel.get_kernel(shape, gpu="h100", db=tdb)
+    assert kern.why == "exact:template-ffffffff" and kern.config == TUNED.replace(rescale_bits=8)
+    for bad in ("    block_m: 16\n    pack_heads: 2\n", "    block_m: 17\n"):  # unknown field; invalid value
+        path.write_text(text.replace("    block_m: 16\n", bad))
+        kernel.clear_cache()
+        assert kernel.get_kernel(shape, gpu="h100", db=tdb).why == "default"
+
+
+def test_an_entry_of_another_template_that_cannot_run_the_shape_is_refused(tdb):
+    n = 1100  # the int32 default can overflow here (test_db.py: unsafe entries)
+    assert not fits(DEFAULT_CONFIG, n, 64)
+    tdb.write("h100", [other_entry(workload_key(1, 1, n, 64), DEFAULT_CONFIG.replace(acc_bits=64), **OTHER_TEMPLATE)])
+    path = tdb.path("h100")
+    path.write_text(path.read_text().replace("    acc_bits: 64\n", "    acc_bits: 32\n"))
+    kernel.clear_cache()
+    kern = kernel.get_kernel((1, 1, n, 64), gpu="h100", db=tdb)
+    assert kern.why == "default" and kern.config == default_config(n, 64)
+
+
+def test_the_ladder_climbs_tier_by_tier(tdb):
+    """Fresh (exact, nearest, sibling) before another Triton, before another template."""
+    shape, near = (2, 6, 197, 64), workload_key(1, 1, 197, 64)
+    a, b, c = TUNED.replace(num_stages=2), TUNED.replace(num_warps=4), TUNED.replace(block_n=64)
+    tdb.write("h100", [other_entry(workload_key(shape), c, **OTHER_TEMPLATE)])
+    tdb.write("h200", [other_entry(workload_key(shape), b, **OTHER_TRITON)])
+    kern = kernel.get_kernel(shape, gpu="h200", db=tdb)
+    assert kern.why == "exact:triton-3.6" and kern.config == b  # own other-Triton before sibling's other-template
+    kernel.clear_cache()
+    tdb.write("h100", [make_entry(near, a)])  # a fresh entry on the sibling, at another bucket
+    kern = kernel.get_kernel(shape, gpu="h200", db=tdb)
+    assert kern.why == f"sibling:h100:nearest:{near.to_str()}" and kern.config == a
+    assert kern.gpu == "h200" and kern.origin == tdb.path("h100")
+    kernel.clear_cache()
+    tdb.write("h200", [make_entry(near, TUNED)])  # ... and one of its own
+    assert kernel.get_kernel(shape, gpu="h200", db=tdb).why == f"nearest:{near.to_str()}"
+    # with no fresh entry anywhere, a sibling's other-template entry beats the default
+    kernel.clear_cache()
+    assert kernel.get_kernel(shape, gpu="h200", db=db.TuningDB([tdb.dirs[0]])).why == "default"
+    sib = db.TuningDB([tdb.dirs[0] / "sib"])
+    sib.write("h100", [other_entry(workload_key(shape), c, **OTHER_TEMPLATE)])
+    kern = kernel.get_kernel(shape, gpu="h200", db=sib)
+    assert kern.why == "sibling:h100:exact:template-ffffffff" and kern.config == c
+
+
+def test_the_shipped_db_serves_this_triton():
+    """issue 20: the shipped H100 entries (tuned under another Triton and template) are used, on
+    the H100 and, through the sibling step or its own file, on the H200; .why names the Triton."""
+    kernel.clear_cache()
+    shipped = db.TuningDB([db.shipped_db_dir()])
+    kern = kernel.get_kernel((64, 12, 197, 64), gpu="h100", db=shipped)
+    assert kern.why != "default" and kern.entry is not None and kern.origin.parent == db.shipped_db_dir()
+    label = db.software_label(kern.entry.software)
+    assert kern.why == ("exact" if not label else f"exact:{label}")
+    if db.triton_minor(kern.entry.software["triton"]) != db.triton_minor(db.running_software()["triton"]):
+        assert f"triton-{db.triton_minor(kern.entry.software['triton'])}" in kern.why
+    h200 = kernel.get_kernel((64, 12, 197, 64), gpu="h200", db=shipped)
+    assert h200.why != "default" and h200.entry is not None
+
+
+def test_a_fallback_step_is_logged_once(tdb, caplog):
+    kernel.clear_cache(log_again=True)
+    tdb.write("h100", [other_entry(workload_key(1, 12, 197, 64), **OTHER_TRITON)])
+    with caplog.at_level(logging.INFO, logger="qflash_gen.kernel"):
+        for _ in range(3):
+            kernel.get_kernel((1, 12, 197, 64), gpu="h100", db=tdb)
+            kernel.clear_cache()
+    lines = [r.getMessage() for r in caplog.records if r.name == "qflash_gen.kernel"]
+    assert len(lines) == 1 and "exact:triton-3.6" in lines[0]
 
 
 def test_fallback_logged_once_per_key(tdb, caplog):

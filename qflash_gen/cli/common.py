@@ -24,6 +24,7 @@ from qflash_gen import config as config_mod
 from qflash_gen import db, workloads
 from qflash_gen.codegen.asm import CompileError
 from qflash_gen.config import DEFAULT_CONFIG, KernelConfig
+from qflash_gen.gpu import is_valid_gpu_name
 from qflash_gen.keys import DTYPE_NAMES
 
 DTYPES: tuple[str, ...] = DTYPE_NAMES
@@ -132,12 +133,21 @@ def note(message: str) -> None:
 
 # -- DB layers shared by both commands -------------------------------------------------------
 def open_db(dirs: Sequence[str] | None) -> db.TuningDB:
-    """``--db DIR`` (repeatable, lowest priority first) or the default layers (shipped, user)."""
+    """``--db DIR|FILE`` (repeatable, lowest priority first) or the default layers (shipped, user)."""
     if not dirs:
-        return db.TuningDB.default()
+        try:
+            return db.TuningDB.default()
+        except ValueError as exc:  # $QFLASH_GEN_DB names a file that is not <gpu>.yaml
+            raise UsageError(str(exc)) from None
     for d in dirs:
-        if not Path(d).is_dir():
-            raise UsageError(f"--db {d}: not a directory (give the folder holding <gpu>.yaml files)")
+        path = Path(d)
+        if db.is_file_layer(path):
+            if not path.is_file():
+                raise UsageError(f"--db {d}: no such DB file (give a <gpu>.yaml file or the folder holding them)")
+            if not is_valid_gpu_name(path.stem) or path.suffix != ".yaml":
+                raise UsageError(f"--db {d}: a DB file is named <gpu>.yaml with a short GPU name, e.g. h100.yaml")
+        elif not path.is_dir():
+            raise UsageError(f"--db {d}: not a directory or a <gpu>.yaml file (give the folder holding them)")
     return db.TuningDB(list(dirs))
 
 
@@ -145,7 +155,11 @@ def layer_name(path: Path) -> str:
     parent = path.parent.resolve()
     if parent == db.shipped_db_dir().resolve():
         return "shipped"
-    if parent == db.user_db_dir().resolve():
+    try:
+        user = db.user_db_location()
+    except ValueError:
+        return str(path.parent)
+    if path.resolve() == user.resolve() or parent == user.resolve():
         return "user"
     return str(path.parent)
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from qflash_gen import codegen
+from qflash_gen import codegen, db
 from qflash_gen.cli.common import (
     DTYPES,
     Printer,
@@ -26,13 +26,16 @@ from qflash_gen.cli.common import (
 from qflash_gen.cli.dbfiles import (
     best_baseline,
     check_file,
+    counts,
     fmt_db,
     fmt_us,
     labels_for,
-    located,
+    ladder,
     scan,
+    tier_text,
     workload_labels,
 )
+from qflash_gen.cli.leases import add_leases_parser, run_leases
 from qflash_gen.cli.report import run_report
 from qflash_gen.keys import WorkloadKey, workload_key
 
@@ -47,33 +50,36 @@ def _db_ls(args: argparse.Namespace, printer: Printer) -> int:
         note(f"no tuning DB files{' for ' + args.gpu if args.gpu else ''} in {where}")
         return 0
     t = Table(title="tuning DB files", title_justify="left")
-    for col in ("gpu", "layer", "file", "cc", "device", "triton", "template", "usable", "stale", "updated"):
+    for col in ("gpu", "layer", "file", "cc", "device", "triton", "template", "usable", "other Triton",
+                "other template", "stale", "updated"):  # fmt: skip
         t.add_column(col)
     for f in files:
         if f.parsed is None:
-            t.add_row(f.path.stem, f.layer, str(f.path), "", "", "", "", "", "", f"CORRUPT: {f.error}")
+            t.add_row(f.path.stem, f.layer, str(f.path), "", "", "", "", "", "", "", "", f"CORRUPT: {f.error}")
             continue
-        h = f.parsed.header
+        h, p = f.parsed.header, f.parsed
         t.add_row(
             h.gpu, f.layer, str(f.path), h.compute_capability or "-", h.device_name or "-", h.triton or "-",
-            (h.template_hash or "-")[:12], str(len(f.parsed.entries)), str(len(f.parsed.stale)), h.updated or "-",
+            (h.template_hash or "-")[:12], *(str(p.count(tier)) for tier in db.TIERS), str(len(p.stale)),
+            h.updated or "-",
         )  # fmt: skip
     printer.table(t)
     labels = workload_labels()
     for gpu in sorted({f.path.stem for f in files if f.parsed is not None}):
-        in_use = located(database, gpu)
-        e = Table(title=f"{gpu}: entries in use (layers overlaid)", title_justify="left")
+        in_use = ladder(database, gpu)
+        e = Table(title=f"{gpu}: entries in use (layers overlaid; per key the first tier that has it)",
+                  title_justify="left")  # fmt: skip
         for col in ("key", "workloads", "config", "latency µs", "± µs", "best SDPA µs", "speedup", "SQNR dB", "trials",
-                    "from"):  # fmt: skip
+                    "tier", "from"):  # fmt: skip
             e.add_column(col)
         for key in sorted(in_use, key=lambda k: (k.n, k.d, k.masked, k.in_dtype, k.out_dtype, k.bh_bucket)):
-            entry, origin = in_use[key]
+            entry, origin, tier = in_use[key]
             base = best_baseline(entry)
             e.add_row(
                 key.to_str(), labels_for(key, labels), entry.config.short(), fmt_us(entry.latency_us),
                 fmt_us(entry.latency_spread_us), f"{base[1]:.2f} ({base[0]})" if base else "-",
                 f"{base[1] / entry.latency_us:.2f}x" if base else "-", fmt_db(entry.sqnr_db), str(entry.trials),
-                layer_name(origin),
+                tier_text(entry, tier), layer_name(origin),
             )  # fmt: skip
         if in_use:
             printer.table(e)
@@ -83,7 +89,6 @@ def _db_ls(args: argparse.Namespace, printer: Printer) -> int:
         for f, s in stale:
             printer.line(f"  stale (not used): {s.key} at {f.path}:{s.line}: {s.reason}")
     return 1 if any(f.error for f in files) else 0
-
 
 
 def _parse_key_arg(args: argparse.Namespace) -> Any:
@@ -110,21 +115,22 @@ def _db_show(args: argparse.Namespace, printer: Printer) -> int:
     for key in keys:
         ks = key.to_str()
         for gpu in sorted({f.path.stem for f in files}):
-            in_use = located(database, gpu)
+            in_use = ladder(database, gpu)
             for f in (f for f in files if f.path.stem == gpu):
                 if f.parsed is None:
                     docs.append({"gpu": gpu, "file": str(f.path), "status": f"CORRUPT: {f.error}"})
                     continue
-                entry = f.parsed.entries.get(key)
-                if entry is not None:
-                    is_used = in_use.get(key, (None, None))[1] == f.path
-                    doc = {
-                        "gpu": gpu,
-                        "file": str(f.path),
-                        "layer": f.layer,
-                        "status": "in use" if is_used else f"overridden by {in_use[key][1]}",
-                        **entry.to_dict(),
-                    }
+                for tier in db.TIERS:
+                    entry = f.parsed.tier(tier).get(key)
+                    if entry is None:
+                        continue
+                    used = in_use.get(key)
+                    if used is not None and used[0] is entry:
+                        status = "in use"
+                    else:  # another layer's entry, or one of a better tier, answers for this key
+                        status = f"not used; the {db.TIER_LABELS[used[2]]} entry in the {layer_name(used[1])} layer answers"
+                    doc = {"gpu": gpu, "file": str(f.path), "layer": f.layer, "tier": tier_text(entry, tier),
+                           "status": status, **entry.to_dict()}  # fmt: skip
                     base = best_baseline(entry)
                     if base:
                         doc["speedup_vs_best_baseline"] = round(base[1] / entry.latency_us, 3)
@@ -150,39 +156,45 @@ def _db_check(args: argparse.Namespace, printer: Printer) -> int:
     if not files:
         note(f"no tuning DB files in {', '.join(str(d) for d in database.dirs)}: nothing to check")
         return 0
-    corrupt = stale = 0
+    corrupt = stale = fallbacks = 0
     for f in files:
         if f.parsed is None:
             corrupt += 1
             printer.line(f"CORRUPT {f.error}")
             continue
         bad_render = []
-        for key, entry in f.parsed.entries.items():
+        usable = [*f.parsed.entries.values(), *(fb.entry for fb in f.parsed.fallbacks)]
+        for entry in usable:
             try:  # a config that validates but no longer renders would only fail at launch
                 codegen.render(entry.config)
             except Exception as exc:  # noqa: BLE001 - report every failure kind, keep checking
-                bad_render.append(f"{key.to_str()}: render failed: {exc}")
-        n_ok = len(f.parsed.entries)
-        printer.line(
-            f"{'OK' if not bad_render else 'BROKEN'}      {f.path}: {n_ok} usable, {len(f.parsed.stale)} stale"
-        )
+                bad_render.append(f"{entry.key.to_str()}: render failed: {exc}")
+        printer.line(f"{'OK' if not bad_render else 'BROKEN'}      {f.path}: {counts(f.parsed)}")
+        fallbacks += len(f.parsed.fallbacks)
+        if args.verbose:
+            for fb in f.parsed.fallbacks:
+                printer.line(f"  {fb.tier:<15} {f.path}:{fb.line}: {fb.entry.key.to_str()}: {fb.label}")
         for s in f.parsed.stale:
             stale += 1
             printer.line(f"  stale   {f.path}:{s.line}: {s.key}: {s.reason}")
         for msg in bad_render:
             corrupt += 1
             printer.line(f"  BROKEN  {msg}")
-    summary = f"{len(files)} file(s), {corrupt} corrupt, {stale} stale entr{'y' if stale == 1 else 'ies'}"
+    summary = (
+        f"{len(files)} file(s), {corrupt} corrupt, {stale} stale entr{'y' if stale == 1 else 'ies'}, "
+        f"{fallbacks} of another Triton or template (used after fresh ones; -v lists them)"
+    )
     note(summary)
     if corrupt:
         return 1
     return 1 if args.strict and stale else 0
 
 
-
 DB_EPILOG = """\
-DB folders: --db DIR (repeatable, lowest priority first); default: the shipped tuning_db/ and the
-user DB ($QFLASH_GEN_DB, else <user cache dir>/qflash-gen/tuning_db), user entries on top.
+DB folders: --db DIR or FILE (repeatable, lowest priority first); default: the shipped tuning_db/
+and the user DB ($QFLASH_GEN_DB, else <user cache dir>/qflash-gen/tuning_db), user entries on top.
+Entries measured with another Triton or template are "usable (other Triton/template)": get_kernel
+takes them after every fresh entry; "stale" ones cannot be used at all.
 exit status: 0 done, 1 a corrupt file (or, with check --strict, a stale entry), 2 usage error.
 
 examples:
@@ -192,12 +204,15 @@ examples:
   qflash-db check
   qflash-db report --gpu h100 --out report.md
   qflash-db report --gpu h100 --out report.png --storage ~/.cache/qflash-gen/tune/studies.journal --study 'qflash/h100/A3/*'
+  qflash-db leases --storage ~/.cache/qflash-gen/tune/studies.journal --clean
 """
 
 
 def _db_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--db", action="append", metavar="DIR", help="tuning DB folder(s), lowest priority first")
+    common.add_argument(
+        "--db", action="append", metavar="DIR", help="tuning DB folder(s) or <gpu>.yaml file(s), lowest priority first"
+    )
     common.add_argument("--color", choices=("auto", "always", "never"), default="auto")
     p = argparse.ArgumentParser(
         prog="qflash-db",
@@ -205,7 +220,7 @@ def _db_parser() -> argparse.ArgumentParser:
         epilog=DB_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = p.add_subparsers(dest="command", required=True, metavar="{ls,show,check,report}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{ls,show,check,report,leases}")
     ls = sub.add_parser("ls", parents=[common], help="GPUs, their DB files and the entries in use")
     ls.add_argument("--gpu", help="only this GPU")
     show = sub.add_parser("show", parents=[common], help="one key's entries, as YAML, on every GPU (or --gpu)")
@@ -219,6 +234,7 @@ def _db_parser() -> argparse.ArgumentParser:
     check.add_argument("files", nargs="*", help="extra DB files to check besides the layers")
     check.add_argument("--gpu", help="only this GPU's files")
     check.add_argument("--strict", action="store_true", help="exit 1 on stale entries too")
+    check.add_argument("-v", "--verbose", action="store_true", help="also list entries of another Triton or template")
     rep = sub.add_parser("report", parents=[common], help="latency vs SDPA, SQNR and tuning history (PNG or MD)")
     rep.add_argument("--gpu", required=True, help="GPU whose entries are reported")
     rep.add_argument("--out", required=True, help="report.png (plot) or report.md (tables; plot next to it)")
@@ -228,6 +244,7 @@ def _db_parser() -> argparse.ArgumentParser:
     rep.add_argument(
         "--bench", metavar="CSV", help="SDPA baselines from a tools/bench.py CSV (docs/benchmarks/<gpu>.csv)"
     )
+    add_leases_parser(sub, common)
     return p
 
 
@@ -237,7 +254,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(parser, argv)
     if isinstance(args, int):
         return args
-    run = {"ls": _db_ls, "show": _db_show, "check": _db_check, "report": run_report}[args.command]
+    run = {"ls": _db_ls, "show": _db_show, "check": _db_check, "report": run_report, "leases": run_leases}[
+        args.command
+    ]
     # Every command lists stale entries itself, with file:line; db's per-file WARNING would repeat them.
     db_logger = logging.getLogger("qflash_gen.db")
     level = db_logger.level

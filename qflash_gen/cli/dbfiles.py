@@ -31,9 +31,13 @@ def scan(database: db.TuningDB, gpu: str | None = None) -> list[FileStatus]:
     report all of them."""
     out: list[FileStatus] = []
     for d in database.dirs:
-        if not d.is_dir():
+        if db.is_file_layer(d):
+            paths = [d] if d.exists() else []
+        elif d.is_dir():
+            paths = sorted(d.glob(f"*{db.schema.FILE_SUFFIX}"))
+        else:
             continue
-        for path in sorted(d.glob(f"*{db.schema.FILE_SUFFIX}")):
+        for path in paths:
             if gpu is not None and path.stem != gpu:
                 continue
             layer = layer_name(path)
@@ -80,17 +84,37 @@ def labels_for(key: Any, labels: dict[tuple, list[str]]) -> str:
 
 
 
-def located(database: db.TuningDB, gpu: str) -> dict[Any, tuple[Any, Path]]:
+def located(database: db.TuningDB, gpu: str, tier: str = db.FRESH) -> dict[Any, tuple[Any, Path]]:
     """``TuningDB.located`` over the readable files only (a corrupt layer is reported by ls/check)."""
     out: dict[Any, tuple[Any, Path]] = {}
-    for path in database.files(gpu):
-        try:
-            f = db.load_file(path)
-        except db.DBError:
+    for status in scan(database, gpu):
+        if status.parsed is None:
             continue
-        for key, entry in f.entries.items():
-            out[key] = (entry, path)
+        for key, entry in status.parsed.tier(tier).items():
+            out[key] = (entry, status.path)
     return out
+
+
+def ladder(database: db.TuningDB, gpu: str) -> dict[Any, tuple[Any, Path, str]]:
+    """Per key, the entry of the first tier that has it (fresh, other Triton, other template):
+    what ``get_kernel`` runs for that exact key when no tier above has a nearer answer."""
+    out: dict[Any, tuple[Any, Path, str]] = {}
+    for tier in db.TIERS:
+        for key, (entry, path) in located(database, gpu, tier).items():
+            out.setdefault(key, (entry, path, tier))
+    return out
+
+
+def tier_text(entry: db.Entry, tier: str) -> str:
+    """``usable`` / ``usable (other Triton): triton-3.6`` ... for tables."""
+    label = db.software_label(entry.software)
+    return db.TIER_LABELS[tier] + (f": {label}" if label else "")
+
+
+def counts(parsed: db.DBFile) -> str:
+    """``16 usable, 0 usable (other Triton), 28 usable (other template), 0 stale``."""
+    parts = [f"{parsed.count(t)} {db.TIER_LABELS[t]}" for t in db.TIERS]
+    return ", ".join(parts + [f"{len(parsed.stale)} stale"])
 
 
 

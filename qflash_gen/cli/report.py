@@ -12,7 +12,7 @@ from typing import Any
 
 from qflash_gen import db
 from qflash_gen.cli.common import Printer, UsageError, note, open_db
-from qflash_gen.cli.dbfiles import FileStatus, fmt_db, labels_for, located, scan, workload_labels
+from qflash_gen.cli.dbfiles import FileStatus, counts, fmt_db, labels_for, ladder, scan, tier_text, workload_labels
 from qflash_gen.reference import SQNR_FLOOR_DB
 
 
@@ -27,6 +27,8 @@ class ReportRow:
     trials: int
     baselines: dict[str, float]
     date: str
+    timing: str = "do_bench"  # how latency_us was measured (protocol.timing): baselines must match it
+    tier: str = "usable"  # usable, or usable (other Triton / template): which Triton and template measured it
 
     @property
     def best_baseline(self) -> tuple[str, float] | None:
@@ -42,11 +44,11 @@ class ReportRow:
 
 def report_rows(database: db.TuningDB, gpu: str, names: str = "paper") -> list[ReportRow]:
     """Entries in use on ``gpu``, labelled with the workloads/batches they serve, in workload order."""
-    in_use = located(database, gpu)
+    in_use = ladder(database, gpu)
     labels = workload_labels(names)
     order = {lab: i for i, labs in enumerate(labels.values()) for lab in labs}
     rows = []
-    for key, (entry, _) in in_use.items():
+    for key, (entry, _, tier) in in_use.items():
         wl = labels_for(key, labels)
         rows.append(
             ReportRow(
@@ -59,16 +61,28 @@ def report_rows(database: db.TuningDB, gpu: str, names: str = "paper") -> list[R
                 trials=int(entry.trials),
                 baselines={k: float(v) for k, v in entry.baselines.items()},
                 date=entry.date,
+                timing=_timing(entry),
+                tier=tier_text(entry, tier),
             )
         )
     rows.sort(key=lambda r: (order.get(r.label, len(order)), r.key))
     return rows
 
 
-def bench_baselines(path: Path) -> dict[str, dict[str, float]]:
-    """SDPA times per DB key from a ``tools/bench.py`` CSV (rows ``mode=fp16``, ``impl=sdpa_*``:
-    do_bench medians, the protocol of the DB's own latencies).  The bench runs unmasked attention,
-    so only unmasked keys get baselines."""
+def _timing(entry: db.Entry) -> str:
+    """``do_bench`` or ``cudagraph``: the protocol an entry's latency was measured with."""
+    timing = entry.protocol.get("timing") if isinstance(entry.protocol, dict) else None
+    return "cudagraph" if str(timing or "").lower() in ("cudagraph", "cuda_graph", "graph") else "do_bench"
+
+
+# tools/bench.py rows with SDPA fp16 times, by the protocol they were taken with
+BENCH_MODES = {"do_bench": "fp16", "cudagraph": "graph"}
+
+
+def bench_baselines(path: Path) -> dict[str, dict[str, dict[str, float]]]:
+    """SDPA times per DB key and timing protocol from a ``tools/bench.py`` CSV: rows ``mode=fp16``
+    (do_bench medians) and ``mode=graph`` (CUDA-graph replay), ``impl=sdpa_*``.  The bench runs
+    unmasked attention, so only unmasked keys get baselines."""
     import csv
 
     import torch
@@ -77,26 +91,31 @@ def bench_baselines(path: Path) -> dict[str, dict[str, float]]:
 
     if not path.is_file():
         raise UsageError(f"--bench {path}: no such file (a CSV written by tools/bench.py)")
-    out: dict[str, dict[str, float]] = {}
+    timing_of = {mode: timing for timing, mode in BENCH_MODES.items()}
+    out: dict[str, dict[str, dict[str, float]]] = {}
     with open(path, newline="", encoding="utf-8") as fh:
         for i, row in enumerate(csv.DictReader(fh), start=2):
             try:
-                if row.get("mode") != "fp16" or not row.get("impl", "").startswith("sdpa_"):
+                if row.get("mode") not in timing_of or not row.get("impl", "").startswith("sdpa_"):
                     continue
                 shape = tuple(int(row[c]) for c in ("B", "H", "N", "D"))
                 us = float(row["us"])
             except (KeyError, TypeError, ValueError) as exc:
                 raise UsageError(f"--bench {path}:{i}: not a tools/bench.py row ({exc})") from None
             key = workload_key(shape, masked=False, in_dtype=torch.float16).to_str()
-            slot = out.setdefault(key, {})
+            slot = out.setdefault(key, {}).setdefault(timing_of[row["mode"]], {})
             slot[row["impl"]] = min(us, slot.get(row["impl"], us))
     return out
 
 
 def with_bench_baselines(rows: list[ReportRow], path: Path) -> list[ReportRow]:
-    """Rows with SDPA baselines from a bench CSV added (an entry's own recorded baselines win)."""
+    """Rows with SDPA baselines from a bench CSV taken with the row's own timing protocol (a
+    CUDA-graph latency against graph-replayed SDPA, a do_bench one against do_bench); an entry's
+    own recorded baselines (same run, same protocol) win."""
     bench = bench_baselines(path)
-    return [dataclasses.replace(r, baselines={**bench.get(r.key, {}), **r.baselines}) for r in rows]
+    return [
+        dataclasses.replace(r, baselines={**bench.get(r.key, {}).get(r.timing, {}), **r.baselines}) for r in rows
+    ]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +166,8 @@ def load_histories(storage_spec: str, pattern: str) -> list[StudyHistory]:
         for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
             if t.state == TrialState.FAIL and "claimed_by" not in t.user_attrs:  # a lost claim is no failure
                 failed += 1
-            if t.state != TrialState.COMPLETE or not t.values:
+            # measured trials below the floor are PRUNED with their value (tune/storage.py)
+            if t.state not in (TrialState.COMPLETE, TrialState.PRUNED) or not t.values:
                 continue
             feasible = float(t.user_attrs.get("constraint", 0.0)) <= 0.0
             points.append((t.number, float(t.values[0]), feasible))
@@ -277,18 +297,20 @@ def _report_markdown(
         lines.append(
             f"- `{f.path}` ({f.layer}): {h.device_name or gpu}, cc {h.compute_capability or '?'}, "
             f"triton {h.triton or '?'}, torch {h.torch or '?'}, template {(h.template_hash or '?')[:12]}, "
-            f"updated {h.updated or '?'}; {len(f.parsed.entries)} usable, {len(f.parsed.stale)} stale"
+            f"updated {h.updated or '?'}; {counts(f.parsed)}"
         )
     lines += ["", "## Latency and accuracy per entry", ""]
     if rows:
-        lines.append("| workloads | key | config | latency µs | ± µs | best SDPA µs | speedup | SQNR dB | trials |")
-        lines.append("|---|---|---|---:|---:|---:|---:|---:|---:|")
+        lines.append(
+            "| workloads | key | config | timing | latency µs | ± µs | best SDPA µs | speedup | SQNR dB | trials | tier |"
+        )
+        lines.append("|---|---|---|---|---:|---:|---:|---:|---:|---:|---|")
         for r in rows:
             best = r.best_baseline
             lines.append(
-                f"| {r.workloads or '-'} | `{r.key}` | `{r.config}` | {r.latency_us:.2f} | {r.spread_us:.2f} | "
+                f"| {r.workloads or '-'} | `{r.key}` | `{r.config}` | {r.timing} | {r.latency_us:.2f} | {r.spread_us:.2f} | "
                 + (f"{best[1]:.2f} ({best[0]}) | {best[1] / r.latency_us:.2f}x" if best else "- | -")
-                + f" | {fmt_db(r.sqnr_db)} | {r.trials} |"
+                + f" | {fmt_db(r.sqnr_db)} | {r.trials} | {r.tier} |"
             )
     else:
         lines.append(f"No usable entries for {gpu}: every workload runs the safe default.")

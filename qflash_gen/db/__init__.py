@@ -7,8 +7,8 @@ docs/design.md, "Tuning DB".
 
 File layout (``<dir>/<gpu>.yaml``)::
 
-    schema_version: 1
-    header:            # the GPU, and the software of the last write
+    schema_version: 2
+    header:            # the GPU, the software of the last write, entry_count (proves it whole)
       gpu: h100
       ...
     entries:
@@ -24,30 +24,53 @@ numbers), :mod:`.files` (load, locked atomic merge-write), :mod:`.store` (layers
 
 from qflash_gen.db.files import LOCK_TIMEOUT_S, generation, load_file, raw_configs, write_entries
 from qflash_gen.db.schema import (
+    FRESH,
+    OTHER_TEMPLATE,
+    OTHER_TRITON,
     SCHEMA_VERSION,
     SOFTWARE_FIELDS,
+    TIER_LABELS,
+    TIERS,
     DBError,
     DBFile,
     Entry,
+    Fallback,
     Header,
     StaleEntry,
     WriteReport,
     file_name,
     gpu_of_file,
     running_software,
+    software_label,
     stale_reason,
+    tier_of,
     triton_minor,
 )
-from qflash_gen.db.store import ENV_DB_DIR, TuningDB, shipped_db_dir, user_db_dir
+from qflash_gen.db.store import (
+    ENV_DB_DIR,
+    TuningDB,
+    is_file_layer,
+    layer_file,
+    shipped_db_dir,
+    user_db_dir,
+    user_db_location,
+    user_db_path,
+)
 
 __all__ = [
     "ENV_DB_DIR",
+    "FRESH",
     "LOCK_TIMEOUT_S",
+    "OTHER_TEMPLATE",
+    "OTHER_TRITON",
     "SCHEMA_VERSION",
     "SOFTWARE_FIELDS",
+    "TIERS",
+    "TIER_LABELS",
     "DBError",
     "DBFile",
     "Entry",
+    "Fallback",
     "Header",
     "StaleEntry",
     "TuningDB",
@@ -55,12 +78,18 @@ __all__ = [
     "file_name",
     "generation",
     "gpu_of_file",
+    "is_file_layer",
+    "layer_file",
     "load_file",
     "raw_configs",
     "running_software",
     "shipped_db_dir",
+    "software_label",
     "stale_reason",
+    "tier_of",
     "triton_minor",
     "user_db_dir",
+    "user_db_location",
+    "user_db_path",
     "write_entries",
 ]

@@ -2,11 +2,15 @@
 tolerant raw read the tuner's warm starts use.
 
 Writes are atomic (``codegen.atomic_write``) under a ``filelock``; two writers lose nothing, and
-a worse result never replaces a better one unless forced (docs/design.md, "Tuning DB").
+a worse result never replaces a better one unless forced (docs/design.md, "Tuning DB").  A
+writer killed mid-write leaves its temp file (``.<gpu>.yaml.<random>.tmp``) behind; the next
+writer of the same file removes it under the lock.  Faults and what they do:
+docs/reliability.md.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -21,6 +25,7 @@ from qflash_gen.codegen import atomic_write
 from qflash_gen.config import KernelConfig
 from qflash_gen.db.parse import parse
 from qflash_gen.db.schema import (
+    FRESH,
     SCHEMA_VERSION,
     DBError,
     DBFile,
@@ -29,7 +34,9 @@ from qflash_gen.db.schema import (
     WriteReport,
     file_name,
     gpu_of_file,
+    software_label,
     stale_reason,
+    tier_of,
     triton_minor,
 )
 from qflash_gen.gpu import is_valid_gpu_name
@@ -52,11 +59,24 @@ def _signature(path: Path) -> tuple[int, int, int] | None:
     return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
+def _read_text(path: Path) -> str:
+    """The file's text, or a DBError naming it (a folder of that name, no permission, not UTF-8)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DBError(f"not UTF-8 text ({exc.reason})", path) from None
+    except IsADirectoryError:
+        raise DBError("is a directory, not a DB file (a DB file is a <gpu>.yaml file)", path) from None
+    except OSError as exc:
+        raise DBError(f"cannot read it: {exc.strerror or exc}", path) from None
+
+
 def load_file(path: str | os.PathLike) -> DBFile:
     """Parse and validate one DB file (cached until the file changes); DBError names file:line.
 
-    Stale and unsafe entries are left out of ``entries`` and reported in ``stale``, with one
-    WARNING line on logger ``qflash_gen.db`` per file version read."""
+    Entries of another Triton or template go to ``fallbacks`` (with one INFO line); entries
+    that cannot be used at all go to ``stale``, with one WARNING line on logger
+    ``qflash_gen.db`` per file version read."""
     path = Path(path)
     sig = _signature(path)
     if sig is None:
@@ -65,17 +85,23 @@ def load_file(path: str | os.PathLike) -> DBFile:
         hit = _file_cache.get(path)
         if hit is not None and hit[0] == sig:
             return hit[1]
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise DBError(f"not UTF-8 text ({exc.reason})", path) from None
+    text = _read_text(path)
     parsed = parse(path, text)
-    result = DBFile(path, parsed.header, dict(parsed.entries), tuple(parsed.stale))
+    result = DBFile(path, parsed.header, dict(parsed.entries), tuple(parsed.stale), tuple(parsed.fallbacks))
+    if result.fallbacks:
+        labels = sorted({f.label for f in result.fallbacks})
+        logger.info(
+            "%s: %d entr%s of another Triton or template (%s), used only where no fresh entry fits",
+            path,
+            len(result.fallbacks),
+            "y" if len(result.fallbacks) == 1 else "ies",
+            ", ".join(labels),
+        )
     if result.stale:
         shown = ", ".join(f"{s.key} (line {s.line}: {s.reason})" for s in result.stale[:3])
         more = f" and {len(result.stale) - 3} more" if len(result.stale) > 3 else ""
         logger.warning(
-            "%s: skipped %d stale or unsafe entr%s, not used: %s%s",
+            "%s: skipped %d stale entr%s (cannot be used): %s%s",
             path,
             len(result.stale),
             "y" if len(result.stale) == 1 else "ies",
@@ -132,12 +158,30 @@ def _dump(header: Header, raw_entries: Iterable[dict[str, Any]]) -> str:
         if over:
             raw["software"] = over
         entries.append(raw)
+    header = dataclasses.replace(header, entry_count=len(entries))
     doc = {"schema_version": SCHEMA_VERSION, "header": header.to_dict(), "entries": entries}
     body = yaml.dump(doc, Dumper=_Dumper, sort_keys=False, default_flow_style=False, allow_unicode=True, width=100)
     return (
         "# qflash-gen tuning DB (fields: tuning_db/README.md). Written by qflash_gen.db; merge, don't hand-sort.\n"
         + body
     )
+
+
+def _remove_orphans(path: Path) -> list[Path]:
+    """Temp files of this DB left by a writer killed mid-write (call under the file's lock: then
+    no live writer of this file has one open)."""
+    gone = []
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        try:
+            tmp.unlink()
+            gone.append(tmp)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:  # not ours to remove (another user's): leave it, say so
+            logger.warning("%s: could not remove a stale temp file: %s", tmp, exc.strerror or exc)
+    if gone:
+        logger.info("%s: removed %d temp file(s) left by a killed writer", path, len(gone))
+    return gone
 
 
 def write_entries(
@@ -173,13 +217,21 @@ def write_entries(
         raise ValueError(f"gpu={gpu!r} disagrees with header.gpu={header.gpu!r}")
     if gpu_of_file(path) is not None and path.stem != header.gpu:
         raise ValueError(f"path={str(path)!r}: a DB for gpu {header.gpu!r} must be named {file_name(header.gpu)}")
+    if path.is_dir():
+        raise DBError("is a directory, not a DB file: remove it or write elsewhere", path)
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise DBError(f"cannot create the DB: {parent} is a file, not a directory", path)
+            break
     lock = filelock.FileLock(str(path) + ".lock", timeout=timeout)
     report = WriteReport(path)
     try:
         with lock:
+            _remove_orphans(path)
             stored: dict[tuple[str, str, str | None], dict[str, Any]] = {}
             if path.exists():
-                old = parse(path, path.read_text(encoding="utf-8"))
+                old = parse(path, _read_text(path))
                 if old.header.gpu != header.gpu:
                     raise DBError(f"holds gpu {old.header.gpu!r}, refusing to write {header.gpu!r} entries", path)
                 stored = dict(old.raw)
@@ -197,6 +249,8 @@ def write_entries(
                     report.kept.append(raw["key"])
                     continue
                 stored[ident] = raw
+                if tier_of(raw["software"]) != FRESH:
+                    report.not_fresh.append((raw["key"], software_label(raw["software"])))
             if prune_stale:
                 stored = {i: r for i, r in stored.items() if stale_reason(r["software"]) is None}
             try:
@@ -210,8 +264,13 @@ def write_entries(
         raise DBError(
             f"could not take the lock {lock.lock_file} within {timeout} s (another writer stuck?)", path
         ) from None
+    except OSError as exc:  # a read-only or missing folder, a full disk, a path component that is a file
+        where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(path) else ""
+        raise DBError(f"cannot write it: {exc.strerror or exc}{where}", path) from None
     with _cache_lock:
         _generation += 1
+    if report.not_fresh:
+        logger.info("%s: %s", path, report.tier_note())  # qflash-tune prints it in its DB line
     return report
 
 

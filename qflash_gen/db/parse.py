@@ -20,15 +20,19 @@ from qflash_gen.config import KernelConfig, check_workload
 from qflash_gen.db.schema import (
     ENTRY_OPTIONAL,
     ENTRY_REQUIRED,
+    FRESH,
     SCHEMA_VERSION,
     SOFTWARE_FIELDS,
     DBError,
     Entry,
+    Fallback,
     Header,
     StaleEntry,
     file_name,
     gpu_of_file,
+    software_label,
     stale_reason,
+    tier_of,
     triton_minor,
 )
 from qflash_gen.gpu import is_valid_gpu_name
@@ -128,6 +132,9 @@ def _parse_header(path: Path, root: yaml.Node, raw: Any) -> Header:
         if name == "total_memory_gib":
             if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
                 raise DBError(f"header.total_memory_gib must be a number, got {value!r}", path, line)
+        elif name == "entry_count":
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise DBError(f"header.entry_count must be an int >= 0, got {value!r}", path, line)
         else:
             value = _opt_str(value, f"header.{name}", path, line)
         values[name] = value
@@ -146,8 +153,11 @@ def _parse_header(path: Path, root: yaml.Node, raw: Any) -> Header:
 
 def _parse_entry(
     path: Path, root: yaml.Node, i: int, raw: Any, header_sw: Mapping[str, str | None]
-) -> tuple[tuple[str, str, str | None], Entry | None, StaleEntry | None, dict[str, Any]]:
-    """-> (identity, entry or None, stale record or None, raw mapping with resolved software)."""
+) -> tuple[tuple[str, str, str | None], Entry | Fallback | None, StaleEntry | None, dict[str, Any]]:
+    """-> (identity, fresh Entry or Fallback or None, stale record or None, raw mapping with
+    resolved software).  A fresh entry must be valid (else DBError); an entry of another Triton
+    or template is used if its config maps onto this KernelConfig and can run its workload,
+    else it is stale (never an error: another template may have had other fields)."""
     line0 = _line(root, "entries", i)
 
     def err(msg: str, *where: str) -> DBError:
@@ -177,13 +187,17 @@ def _parse_entry(
     if not isinstance(raw["config"], dict):
         raise err("'config' must be a mapping of KernelConfig fields", "config")
 
-    reason = stale_reason(software)
-    if reason is not None:
-        # Not validated against this KernelConfig: another template may have other fields.
-        return ident, None, StaleEntry(key.to_str(), reason, line0 or 0), raw
+    tier = tier_of(software)
+    line = line0 or 0
+
+    def stale(why: str) -> tuple:
+        return ident, None, StaleEntry(key.to_str(), why, line), raw
+
     try:
         config = KernelConfig.from_dict(raw["config"])
     except (ValueError, TypeError) as exc:
+        if tier != FRESH:
+            return stale(f"{stale_reason(software)}, and its config does not map onto this KernelConfig: {exc}")
         m = re.search(r"KernelConfig\.(\w+)=|field\(s\) \['(\w+)'", str(exc))
         field = (m[1] or m[2]) if m else None
         raise err(f"config: {exc}", "config", *((field,) if field in raw["config"] else ())) from None
@@ -203,13 +217,18 @@ def _parse_entry(
             software=software,
         )
     except ValueError as exc:
+        if tier != FRESH:
+            return stale(f"{stale_reason(software)}, and {exc}")
         field = str(exc).split("=", 1)[0].split()[0].removeprefix("Entry.").split("[")[0]
         raise err(str(exc), *((field,) if field in raw else ())) from None
     try:
         check_workload(config, key.n, key.d)
     except ValueError as exc:
-        return ident, None, StaleEntry(key.to_str(), f"unsafe for its workload: {exc}", line0 or 0), raw
-    return ident, entry, None, raw
+        prefix = "" if tier == FRESH else f"{stale_reason(software)}, and "
+        return stale(f"{prefix}unsafe for its workload: {exc}")
+    if tier == FRESH:
+        return ident, entry, None, raw
+    return ident, Fallback(entry, tier, software_label(software), line), None, raw
 
 
 @dataclasses.dataclass
@@ -218,6 +237,27 @@ class Parsed:
     entries: dict[WorkloadKey, Entry]
     stale: list[StaleEntry]
     raw: dict[tuple[str, str, str | None], dict[str, Any]]  # every stored entry by identity, in order
+    fallbacks: list[Fallback] = dataclasses.field(default_factory=list)
+
+
+def _check_whole(path: Path, root: yaml.Node, version: int, header: Header, n_entries: int) -> None:
+    """A version-2 file says how many entries it holds: a file cut short (a full disk, a copy
+    interrupted) is an error, not a smaller DB."""
+    if version < 2 and header.entry_count is None:
+        return  # written before the count existed
+    if header.entry_count is None:
+        raise DBError(
+            f"header.entry_count is missing (schema_version {version} files carry it): incomplete or hand-made file",
+            path,
+            _line(root, "header"),
+        )
+    if header.entry_count != n_entries:
+        raise DBError(
+            f"header.entry_count says {header.entry_count} entries but the file holds {n_entries}: the file is "
+            "incomplete (cut short?) or was edited by hand (then set entry_count to the number of entries)",
+            path,
+            _line(root, "header", "entry_count"),
+        )
 
 
 def parse(path: Path, text: str) -> Parsed:
@@ -246,10 +286,11 @@ def parse(path: Path, text: str) -> Parsed:
     raw_entries = data.get("entries") or []
     if not isinstance(raw_entries, list):
         raise DBError("'entries' must be a list", path, _line(root, "entries"))
+    _check_whole(path, root, version, header, len(raw_entries))
     parsed = Parsed(header, {}, [], {})
     header_sw = header.software()
     for i, raw in enumerate(raw_entries):
-        ident, entry, stale, resolved = _parse_entry(path, root, i, raw, header_sw)
+        ident, usable, stale, resolved = _parse_entry(path, root, i, raw, header_sw)
         if ident in parsed.raw:
             raise DBError(
                 f"entries[{i}]: a second entry for {ident[0]} (triton {ident[1]}, same template); keep one",
@@ -257,8 +298,10 @@ def parse(path: Path, text: str) -> Parsed:
                 _line(root, "entries", i),
             )
         parsed.raw[ident] = resolved
-        if entry is not None:
-            parsed.entries[entry.key] = entry
+        if isinstance(usable, Entry):
+            parsed.entries[usable.key] = usable
+        elif isinstance(usable, Fallback):
+            parsed.fallbacks.append(usable)
         else:
             parsed.stale.append(stale)
     return parsed

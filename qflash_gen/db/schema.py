@@ -1,8 +1,12 @@
-"""The tuning DB's records: file header, entries, software fingerprint and staleness.
+"""The tuning DB's records: file header, entries, software fingerprint and the lookup tiers.
 
-An entry is kept per *identity* ``(key, triton major.minor, template hash)``: entries measured
-under another Triton or template are stale for this process (skipped when reading, kept when
-writing).  Field meanings: ``tuning_db/README.md``; the rules: docs/design.md, "Tuning DB".
+An entry is kept per *identity* ``(key, triton major.minor, template hash)``.  For this process
+an entry is in one of three tiers (:func:`tier_of`): ``fresh`` (measured with this Triton
+major.minor and this template), ``other-triton`` (same template, another Triton) or
+``other-template`` (another template, its config mapped into this ``KernelConfig``).
+``get_kernel`` climbs them in that order before the safe default; an entry that cannot be used
+at all (its config does not map, or cannot run its workload) is *stale*.  Field meanings:
+``tuning_db/README.md``; the rules: docs/design.md, "Tuning DB".
 """
 
 from __future__ import annotations
@@ -25,8 +29,15 @@ from qflash_gen.gpu import current_gpu, is_valid_gpu_name
 from qflash_gen.keys import WorkloadKey
 from qflash_gen.version import __version__
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2: the header counts the entries (``entry_count``), so a file cut short is detected.  Version
+1 files (without the count) are still read."""
 FILE_SUFFIX = ".yaml"
+FILE_SUFFIXES = (".yaml", ".yml")  # what names a DB *file* (vs a folder) in --db / $QFLASH_GEN_DB
+
+FRESH, OTHER_TRITON, OTHER_TEMPLATE = "fresh", "other-triton", "other-template"
+TIERS: tuple[str, ...] = (FRESH, OTHER_TRITON, OTHER_TEMPLATE)
+TIER_LABELS = {FRESH: "usable", OTHER_TRITON: "usable (other Triton)", OTHER_TEMPLATE: "usable (other template)"}
 
 SOFTWARE_FIELDS: tuple[str, ...] = ("triton", "torch", "cuda", "template_hash", "search_space_hash", "qflash_gen")
 """Software fingerprint of a measurement.  Only ``triton`` (major.minor) and ``template_hash``
@@ -78,6 +89,29 @@ def stale_reason(software: Mapping[str, str | None]) -> str | None:
     return "; ".join(reasons) or None
 
 
+def tier_of(software: Mapping[str, str | None]) -> str:
+    """The lookup tier of an entry measured with ``software`` (module doc): fresh, other-triton or
+    other-template."""
+    if software.get("template_hash") != codegen.template_hash():
+        return OTHER_TEMPLATE
+    if triton_minor(software.get("triton")) != triton_minor(triton.__version__):
+        return OTHER_TRITON
+    return FRESH
+
+
+def software_label(software: Mapping[str, str | None]) -> str:
+    """What differs from this process, as ``Kernel.why`` names it: ``triton-3.6``,
+    ``template-8da88910`` or both (``triton-3.6:template-8da88910``); ``""`` when fresh."""
+    parts = []
+    theirs = triton_minor(software.get("triton"))
+    if theirs != triton_minor(triton.__version__):
+        parts.append(f"triton-{theirs}")
+    template = software.get("template_hash")
+    if template != codegen.template_hash():
+        parts.append(f"template-{str(template)[:8]}")
+    return ":".join(parts)
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
 
@@ -109,6 +143,7 @@ class Header:
     search_space_hash: str | None = None
     qflash_gen: str | None = None
     updated: str | None = None
+    entry_count: int | None = None  # set by the writer (schema 2): a reader checks the file is whole
 
     def __post_init__(self) -> None:
         if not is_valid_gpu_name(self.gpu):
@@ -231,23 +266,74 @@ class StaleEntry:
 
 
 @dataclasses.dataclass(frozen=True)
+class Fallback:
+    """An entry of another Triton (``tier`` other-triton) or another template (other-template),
+    its config read into this ``KernelConfig`` and checked against its workload; ``label`` is
+    what :func:`software_label` says differs (``triton-3.6:template-8da88910``)."""
+
+    entry: Entry
+    tier: str
+    label: str
+    line: int
+
+
+@dataclasses.dataclass(frozen=True)
 class DBFile:
-    """A parsed DB file: the usable entries by key, and what was skipped and why."""
+    """A parsed DB file: the fresh entries by key, the fallbacks (entries of another Triton or
+    template that can still run), and the stale entries (cannot be used) with the reason."""
 
     path: Path
     header: Header
     entries: Mapping[WorkloadKey, Entry]
     stale: tuple[StaleEntry, ...]
+    fallbacks: tuple[Fallback, ...] = ()
+
+    def tier(self, tier: str) -> dict[WorkloadKey, Entry]:
+        """Usable entries of one tier by key; of several for a key, the most recently measured."""
+        if tier == FRESH:
+            return dict(self.entries)
+        out: dict[WorkloadKey, Fallback] = {}
+        for f in self.fallbacks:
+            if f.tier == tier and (f.entry.key not in out or f.entry.date > out[f.entry.key].entry.date):
+                out[f.entry.key] = f
+        return {k: f.entry for k, f in out.items()}
+
+    def count(self, tier: str) -> int:
+        """Entries of ``tier`` (all of them, not one per key)."""
+        return len(self.entries) if tier == FRESH else sum(1 for f in self.fallbacks if f.tier == tier)
 
 
 @dataclasses.dataclass
 class WriteReport:
-    """What a write did, by key string: new, replacing a worse entry, or kept (the old was better)."""
+    """What a write did, by key string: new, replacing a worse entry, or kept (the old was better).
+
+    ``not_fresh``: (key, label) of written entries measured with another Triton or template than
+    this process's (a replayed table): get_kernel uses them only after every fresh entry."""
 
     path: Path
     added: list[str] = dataclasses.field(default_factory=list)
     replaced: list[str] = dataclasses.field(default_factory=list)
     kept: list[str] = dataclasses.field(default_factory=list)
+    not_fresh: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+    def describe(self) -> str:
+        """One line for a person: where the DB is, what changed, and the tier of what was written."""
+        line = (
+            f"DB {self.path}: added {len(self.added)}, replaced {len(self.replaced)}, "
+            f"kept better stored {len(self.kept)}"
+        )
+        return f"{line}; {self.tier_note()}" if self.not_fresh else line
+
+    def tier_note(self) -> str:
+        """What the written entries of another Triton or template are to this process ("" if none)."""
+        if not self.not_fresh:
+            return ""
+        labels = sorted({label for _, label in self.not_fresh})
+        n = len(self.not_fresh)
+        return (
+            f"{n} entr{'y' if n == 1 else 'ies'} written with {', '.join(labels)} (not this process's Triton/"
+            "template, e.g. a replayed table's): get_kernel uses them only where no fresh entry fits (.why names it)"
+        )
 
 
 

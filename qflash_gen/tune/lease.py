@@ -31,6 +31,13 @@ token: a pid reused after a kill), or, on any host, its heartbeat is older than 
 dead holder's lease is *reaped*: its trial, if still RUNNING, is marked FAIL, and the lease is
 deleted by its study id (ids are never reused by PostgreSQL or the journal), so a reaper never
 deletes a newer lease of the same name.
+
+Leases left by a killed run are cleaned up: a process opening a study reaps that study's dead
+leases and takes over a dead slot (:meth:`Leases.claim_slot`), and once per storage it sweeps the
+dead config and export leases of every other study, and the leases of deleted studies
+(:func:`sweep_once`).  A dead slot lease of another study is left for the run that resumes it;
+``qflash-db leases --storage S --clean`` removes those too (:func:`clean`).  Lease studies show
+up in study listings (optuna-dashboard's too) while they exist: the live ones are a run's claims.
 """
 
 from __future__ import annotations
@@ -60,6 +67,9 @@ CONFIG, SLOT, EXPORT = "config", "worker", "export"
 
 PROCESS_TOKEN = uuid.uuid4().hex[:12]  # this process; a reused pid gets another one
 _HOST = socket.gethostname()
+
+
+_swept: set[str] = set()  # storages swept by this process (sweep_once)
 
 
 def lease_name(study_id: int, kind: str, key: str) -> str:
@@ -328,3 +338,72 @@ class Leases:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# -- every lease of a storage (the next run's sweep, qflash-db leases) ---------------------------------
+@dataclasses.dataclass(frozen=True)
+class StoredLease:
+    """A lease study as found in a storage, with what became of its study and holder."""
+
+    name: str
+    study_id: int  # the study it belongs to
+    study: str | None  # that study's name; None when it was deleted (an orphan lease)
+    info: LeaseInfo
+    alive: bool  # its holder is alive (a lease without a holder record counts as alive)
+
+
+def stored_leases(storage: Any) -> list[StoredLease]:
+    """Every lease study in ``storage`` (any study's), oldest study first."""
+    storage = as_backend(storage)
+    studies = storage.get_all_studies()
+    names = {s._study_id: s.study_name for s in studies if not is_lease_name(s.study_name)}
+    out = []
+    for s in studies:
+        if not is_lease_name(s.study_name):
+            continue
+        try:
+            sid, kind, key = s.study_name[len(PREFIX) + 1 :].split(":", 2)
+            study_id = int(sid)
+        except ValueError:
+            continue  # not one of ours
+        holder = s.user_attrs.get("holder")
+        info = LeaseInfo(kind, key, s._study_id, dict(holder) if holder else None)
+        alive = info.holder is None or holder_alive(info.holder)
+        out.append(StoredLease(s.study_name, study_id, names.get(study_id), info, alive))
+    return sorted(out, key=lambda x: (x.study_id, x.info.kind, x.info.key))
+
+
+def clean(storage: Any, *, slots: bool = True, dry_run: bool = False) -> list[StoredLease]:
+    """Remove the leases whose holder is dead, and every lease of a deleted study; returns them.
+
+    ``slots=False`` keeps dead slot leases of existing studies: each marks a budget left
+    unfinished, which the next run of that study resumes (:meth:`Leases.claim_slot`); without
+    it a rerun takes the lowest free slot.  A dead holder's RUNNING trial is failed, as when a
+    run reaps it."""
+    storage = as_backend(storage)
+    gone = []
+    for lease in stored_leases(storage):
+        orphan = lease.study is None
+        if not orphan and (lease.alive or (lease.info.kind == SLOT and not slots)):
+            continue
+        if not dry_run:
+            if orphan:
+                try:
+                    storage.delete_study(lease.info.lease_id)
+                except KeyError:
+                    pass
+            else:
+                Leases(storage, lease.study_id, heartbeat_s=0).reap(lease.info)
+        gone.append(lease)
+    return gone
+
+
+def sweep_once(storage: Any) -> int:
+    """:func:`clean` without slots, once per storage and process (a run calls it when it opens a
+    study): leases a killed run left in studies this run does not open go too.  Returns how many."""
+    storage = as_backend(storage)
+    key = f"{type(storage).__name__}:{id(storage)}"
+    if key in _swept:
+        return 0
+    _swept.add(key)
+    return len(clean(storage, slots=False))

@@ -24,7 +24,7 @@ from qflash_gen.tune.setup import UsageError, smem_of
 def db_file(target: str | os.PathLike[str] | None, gpu_name: str) -> Path:
     """``--db``: a ``<gpu>.yaml`` file, or a directory holding it (default: the user DB dir)."""
     if target is None:
-        return db.user_db_dir() / db.file_name(gpu_name)
+        return db.user_db_path(gpu_name)  # $QFLASH_GEN_DB: a folder or its <gpu>.yaml
     path = Path(target).expanduser()
     if path.suffix in (".yaml", ".yml"):
         if path.stem != gpu_name:

@@ -19,6 +19,14 @@ A killed run leaves its trial in flight RUNNING (Optuna's heartbeat only works i
 :func:`fail_abandoned` marks RUNNING trials of dead processes on this host FAIL when a study
 starts; a worker that dies on another host is found by its stale lease heartbeat
 (:mod:`.lease`), and its trial in flight is failed then.
+
+Studies read well in optuna-dashboard (``optuna-dashboard <journal file or URL>``): the
+objective carries its name (:func:`label_study`: ``latency_us``, ``energy_uj``, ``sqnr_db``), the
+SQNR floor is stored as Optuna's ``constraints`` trial attribute, the list the dashboard reads
+(:func:`record_constraint`), and a single-objective trial below the floor is finished PRUNED with
+its value kept (:func:`tell_measured`), because the dashboard's "Best Trial" is the storage's best
+COMPLETE trial, which knows no constraints.  Samplers see no difference: TPE sorts trials by
+their constraints before their state.
 """
 
 from __future__ import annotations
@@ -28,9 +36,12 @@ import os
 import random
 import socket
 import time
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import optuna
+from optuna.trial import TrialState
 
 ENV_STORAGE = "QFLASH_GEN_TUNE_STORAGE"
 JOURNAL_LOCK_GRACE_S = 10
@@ -191,3 +202,38 @@ def fail_abandoned(study: optuna.Study) -> int:
         except (RuntimeError, ValueError):  # finished meanwhile by someone else
             pass
     return n
+
+
+# -- what optuna-dashboard reads ---------------------------------------------------------------------
+METRIC_NAMES = {"latency": "latency_us", "energy": "energy_uj", "sqnr": "sqnr_db"}
+CONSTRAINTS_ATTR = "constraints"  # Optuna's trial system attr: a list, <= 0 feasible (the dashboard reads it)
+
+
+def label_study(study: optuna.Study, axes: Sequence[str], sqnr_floor: float) -> None:
+    """Name the study's objective(s) (``axes``: ``latency``, ``energy``, ``sqnr``) and record the
+    SQNR floor as a study user attribute, where optuna-dashboard shows them."""
+    names = [METRIC_NAMES[a] for a in axes]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if study.metric_names != names:
+            study.set_metric_names(names)
+    if study.user_attrs.get("sqnr_floor_db") != sqnr_floor:
+        study.set_user_attr("sqnr_floor_db", float(sqnr_floor))
+
+
+def record_constraint(trial: optuna.trial.Trial, value: float) -> None:
+    """Store ``value`` (<= 0: feasible) as the trial's ``constraints`` list, Optuna's own format
+    for a sampler's constraints_func and the one optuna-dashboard reads."""
+    trial.storage.set_trial_system_attr(trial._trial_id, CONSTRAINTS_ATTR, [float(value)])
+
+
+def tell_measured(study: optuna.Study, trial: optuna.trial.Trial, values: float | list[float], feasible: bool) -> None:
+    """Finish a measured trial.  Below the floor, a single-objective trial is reported (its value
+    kept as step 0) and told PRUNED, so no reader that ignores constraints (the dashboard's Best
+    Trial, ``storage.get_best_trial``) takes it for the best; multi-objective trials are told
+    COMPLETE either way (their SQNR is an axis)."""
+    if feasible or len(study.directions) > 1:
+        study.tell(trial, values)
+        return
+    trial.report(float(values[0] if isinstance(values, list) else values), step=0)
+    study.tell(trial, state=TrialState.PRUNED)

@@ -208,7 +208,9 @@ def open_study(
         study.set_user_attr("space_size", space.size)
     for key, value in (study_attrs or {}).items():
         study.set_user_attr(key, value)
+    storage_mod.label_study(study, PARETO_AXES.get(objective, (objective,)), settings.sqnr_floor)  # dashboard
     storage_mod.fail_abandoned(study)
+    lease_mod.sweep_once(backend)  # leases a killed run left in other studies, or of deleted ones
 
     study_id = backend.get_study_id_from_name(name)
     info = {k: v for k, v in (worker_info or {}).items() if k in ("device", "device_name")}

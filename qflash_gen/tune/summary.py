@@ -101,10 +101,7 @@ def report_db(out: Any, report: Any, fronts: list, notes: list[str]) -> None:
     for note in notes:
         out.print(escape(note))
     if report is not None:
-        out.print(
-            f"DB {report.path}: added {len(report.added)}, replaced {len(report.replaced)}, "
-            f"kept better stored {len(report.kept)}"
-        )
+        out.print(escape(report.describe()), soft_wrap=True)  # where the DB is (get_kernel reads it), what changed
     for path in fronts:
         out.print(f"front written: {path}")
 

@@ -34,6 +34,7 @@ from qflash_gen.tune.objective import (
     values,
 )
 from qflash_gen.tune.space import complexity
+from qflash_gen.tune.storage import record_constraint, tell_measured
 
 SamplerName = Literal["tpe", "random", "nsga2"]
 INFEASIBLE = 1.0  # constraint value of a trial that has no SQNR (pruned before measuring)
@@ -121,6 +122,7 @@ def set_constraint(trial: optuna.trial.Trial, value: float) -> None:
     trial.set_user_attr("constraint", value)
     if TRIAL_CONSTRAINTS:
         trial.set_constraint("sqnr_floor", value)
+    record_constraint(trial, value)  # the list optuna-dashboard reads (tune/storage.py)
 
 
 def make_sampler(name: SamplerName, seed: int | None, *, population_size: int = 50) -> optuna.samplers.BaseSampler:
@@ -217,7 +219,7 @@ def tell(
         if m.ok:
             set_constraint(trial, floor - float(m.sqnr_db))  # <= 0: feasible
         if has_values(m, objective):
-            study.tell(trial, values(m, objective))
+            tell_measured(study, trial, values(m, objective), m.feasible(floor))  # dashboard-safe (tune/storage.py)
         else:
             if m.ok:  # correct and timed, but the objective needs energy and none was measured
                 trial.set_user_attr("error", f"no energy measured: objective {objective} needs energy_uj")
