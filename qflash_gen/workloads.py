@@ -7,6 +7,8 @@ maps the first to the second, so a model is tuned at the shapes it really runs.
 
 * ViT / DeiT (224×224, patch 16): N = 14·14 + 1 class token = 197, D = 64; heads T/S/B/L =
   3/6/12/16.  ``_384`` variants: N = 24·24 + 1 = 577.
+* DINOv2 (patch 14): ``dinov2_s`` / ``_b`` / ``_l`` / ``_g`` (6/12/16/24 heads, D = 64) at 224 px,
+  N = 16·16 + 1 = 257, and ``..._518`` at 518 px, N = 37·37 + 1 = 1370.
 * Swin (224×224, window 7): N = 7·7 = 49, D = 32.  Stage s has (windows per image, heads) =
   (64, 3) (16, 6) (4, 12) (1, 24) for T and S; Swin-B has heads 4/8/16/32.  Every Swin block adds
   a relative-position bias and shifted-window blocks add a mask, so all Swin stages run the
@@ -26,6 +28,7 @@ DEFAULT_BATCHES: tuple[int, ...] = (1, 8, 64)
 
 VIT_N = 197  # 14 * 14 patches + class token (224 / 16 = 14)
 VIT_384_N = 577  # 24 * 24 patches + class token (384 / 16 = 24)
+DINO_N = {224: 257, 518: 1370}  # DINOv2 (patch 14): 16 * 16 + 1 at 224 px, 37 * 37 + 1 at 518 px
 VIT_D = 64
 SWIN_N = 49  # 7 * 7 tokens per window
 SWIN_D = 32
@@ -72,6 +75,16 @@ def _vit_family() -> list[Workload]:
     return out
 
 
+def _dinov2_family() -> list[Workload]:
+    """DINOv2 ViT-S/B/L/g with patch 14 (no registers): 224 px (N = 257) and 518 px (N = 1370)."""
+    out = []
+    for size, heads in (("s", 6), ("b", 12), ("l", 16), ("g", 24)):
+        for px, n in DINO_N.items():
+            suffix = "" if px == 224 else f"_{px}"
+            out.append(Workload(f"dinov2_{size}{suffix}", n, VIT_D, heads, model=f"DINOv2 ViT-{size.upper()}/14 {px}"))
+    return out
+
+
 def _swin_family() -> list[Workload]:
     heads = {"t": (3, 6, 12, 24), "s": (3, 6, 12, 24), "b": (4, 8, 16, 32)}
     out = []
@@ -100,7 +113,7 @@ def _paper() -> list[Workload]:
     ]
 
 
-WORKLOADS: dict[str, Workload] = {w.name: w for w in _vit_family() + _swin_family() + _paper()}
+WORKLOADS: dict[str, Workload] = {w.name: w for w in _vit_family() + _dinov2_family() + _swin_family() + _paper()}
 
 # Names that stand for several workloads: a Swin model is its four stages; "paper" is A1..A7.
 GROUPS: dict[str, tuple[str, ...]] = {

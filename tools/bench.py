@@ -8,11 +8,19 @@ Per workload x batch it records (one CSV row per measurement):
                do_bench median
   mode=graph   the same launch and each SDPA backend under CUDA-graph replay
   mode=kernel_int8out  the same kernel with int8 out, do_bench median
-  mode=fp16    fp16 in -> fp16 out: qflash_gen.attention (dynamic quantization included) and SDPA
+  mode=fp16, graph_fp16
+               fp16 in -> fp16 out: qflash_gen.attention (one dynamic scale per (batch, head),
+               computed on the device: the quantizer launch + the kernel) and SDPA (mode=fp16)
   mode=fp16_static, graph_fp16_static
                fp16 in -> fp16 out at static per-tensor scales (calibrated once on the input, as
-               get_kernel(shape)(q, k, v, (sq, sk, sv)) with float scales): launch.launch_static,
-               q, k, v quantized inside the kernel's loads (one launch); do_bench and graph replay
+               get_kernel(shape)(q, k, v, (sq, sk, sv)) with float scales): launch.launch_static
+               (quantized in the kernel's loads where one query block covers N, else by the
+               quantizer first); do_bench and graph replay
+  mode=ivit, graph_ivit
+               the paper's baseline, unfused integer attention in the style of I-ViT
+               (tools/ivit_baseline.py: three launches, N x N intermediates in HBM), same int8
+               inputs and integer math
+Workloads: the paper's A1..A7 or any name of qflash_gen.workloads (vit_b_384, dinov2_b, ...).
 Each qflash row is checked against the integer oracle on the GPU first (oracle_equal) and carries
 its SQNR vs fp64.  do_bench flushes L2 between repeats.  The kernel row also carries the fraction
 of each limit it reaches (qflash_gen/roofline.py): hbm_frac, mma_frac, alu_frac (from the SASS of
@@ -35,6 +43,7 @@ import csv
 import datetime
 import math
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -44,10 +53,21 @@ import triton.testing
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qflash_gen import api, codegen, launch, quant, reference, roofline  # noqa: E402
+from qflash_gen import (  # noqa: E402
+    api,
+    codegen,
+    launch,
+    quant,
+    reference,
+    roofline,
+    workloads,  # noqa: E402
+)
 from qflash_gen.codegen import asm  # noqa: E402
 from qflash_gen.config import KernelConfig, parse_config  # noqa: E402
 from qflash_gen.kernel import get_kernel  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "tools"))
+import ivit_baseline  # noqa: E402
 
 # The paper's kernel workloads (per image): (heads, N, D, windows per image).
 PAPER_WORKLOADS = {
@@ -77,11 +97,14 @@ def gpu_label() -> str:
 
 
 def shape_of(name: str, batch: int) -> tuple[int, int, int, int]:
-    try:
+    """(B, H, N, D) of a paper workload (A1..A7) or any named one (vit_b_384, dinov2_b, ...)."""
+    if name in PAPER_WORKLOADS:
         heads, n, d, windows = PAPER_WORKLOADS[name]
-    except KeyError:
-        raise SystemExit(f"unknown workload {name!r}; known: {sorted(PAPER_WORKLOADS)}") from None
-    return (batch * windows, heads, n, d)
+        return (batch * windows, heads, n, d)
+    try:
+        return workloads.get(name).shape(batch)
+    except ValueError as exc:
+        raise SystemExit(f"unknown workload {name!r}: {exc}") from None
 
 
 def _median_us(fn, graph: bool) -> float:
@@ -168,10 +191,10 @@ def bench_one(
     # directly (runtime.launch_fast), not Triton's per-call binding, which on this kind of host
     # takes longer than the small kernels themselves.
     def kern():
-        launch.launch_fast(module, cfg, q8, k8, v8, params, out8, torch.int8)
+        launch.launch_fast(module, cfg, q8, k8, v8, params, None, out8, torch.int8)
 
     def kern16():
-        launch.launch_fast(module, cfg, q8, k8, v8, params, out16, torch.float16)
+        launch.launch_fast(module, cfg, q8, k8, v8, params, None, out16, torch.float16)
 
     kern16()
     want = reference.reference_int8(q8, k8, v8, params, cfg, out_dtype=torch.float16)
@@ -202,20 +225,56 @@ def bench_one(
         }
     )
 
+    # fp16 in -> fp16 out, dynamic per-(batch, head) scales: the quantizer launch and the kernel
+    # launch (qflash_gen.attention; what a patched model runs by default).
     def full():
         return api.attention(q, k, v, config=cfg)
 
     out_full = full()
-    rows.append(
-        {
-            **base,
-            "mode": "fp16",
-            "impl": "qflash_gen",
-            "us": _median_us(full, False),
-            "sqnr_db": reference.sqnr_db(out_full, ref),
-            "oracle_equal": equal,
-        }
+    equal_full = bool(
+        torch.equal(
+            out_full.view(torch.int16), api.attention(q, k, v, config=cfg, backend="reference").view(torch.int16)
+        )
     )
+    for mode, graph in (("fp16", False), ("graph_fp16", True)):
+        rows.append(
+            {
+                **base,
+                "mode": mode,
+                "impl": "qflash_gen",
+                "us": _median_us(full, graph),
+                "sqnr_db": reference.sqnr_db(out_full, ref),
+                "oracle_equal": equal_full,
+            }
+        )
+    # The paper's baseline: unfused integer attention (I-ViT style: int8 QK^T GEMM, integer softmax
+    # over whole rows, int8 P.V GEMM; 3 launches, N x N intermediates in HBM), same bits as the
+    # single-pass oracle where one exists (N <= 256).
+    if d in (32, 64, 128):
+        v8n = v8.contiguous()
+        try:
+            o_iv = ivit_baseline.ivit_attention(q8, k8, v8n, params, out_dtype=torch.float16)
+            iv_equal = ""
+            if n <= 256:
+                want_iv = reference.reference_int8(
+                    q8, k8, v8n, params, ivit_baseline.config_for(n), out_dtype=torch.float16
+                )
+                iv_equal = bool(torch.equal(o_iv.view(torch.int16), want_iv.view(torch.int16)))
+            for mode, graph in (("ivit", False), ("graph_ivit", True)):
+                rows.append(
+                    {
+                        **base,
+                        "mode": mode,
+                        "impl": "ivit_unfused",
+                        "us": _median_us(
+                            lambda: ivit_baseline.ivit_attention(q8, k8, v8n, params, out_dtype=torch.float16), graph
+                        ),
+                        "sqnr_db": reference.sqnr_db(o_iv, ref),
+                        "oracle_equal": iv_equal,
+                    }
+                )
+        except (RuntimeError, ValueError) as exc:  # e.g. out of memory for the N x N planes
+            print(f"  ivit baseline unavailable: {str(exc).splitlines()[0][:100]}", file=sys.stderr)
 
     # Static scales: calibrated once (Python floats), then fp16 in -> fp16 out in one or two launches.
     ssq, ssk, ssv = (float(quant.dynamic_scale(t)) for t in (q, k, v))
@@ -391,10 +450,11 @@ def markdown(rows: list[dict], gpu: str, header: str) -> str:
     out = [
         header,
         "",
-        "| workload | batch | qflash kernel µs | qflash graph µs | qflash fp16→fp16 µs | qflash fp16→fp16 static µs "
-        "| best SDPA fp16 µs (backend) | best SDPA graph µs | kernel ratio | graph ratio | fp16 ratio | static ratio "
-        "| limits % (HBM/MMA/ALU) | SQNR dB | == oracle (kernel/static) | config (lookup) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| workload | batch | qflash kernel µs | best SDPA µs (backend) | kernel ratio | qflash graph µs "
+        "| best SDPA graph µs | graph ratio | fp16→fp16 dynamic graph µs (ratio) | fp16→fp16 static graph µs (ratio) "
+        "| I-ViT unfused graph µs (qflash speedup) | limits % (HBM/MMA/ALU) | SQNR dB | == oracle (kernel/dyn/static/I-ViT) "
+        "| config (lookup) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     keys = sorted({(r["workload"], r["batch"]) for r in rows}, key=lambda x: (x[0], x[1]))
     for wl, bt in keys:
@@ -403,28 +463,39 @@ def markdown(rows: list[dict], gpu: str, header: str) -> str:
         def get(mode, impl, rs=rs):
             return next((r for r in rs if r["mode"] == mode and r["impl"] == impl), None)
 
-        qk, qg, qf = get("kernel", "qflash_gen"), get("graph", "qflash_gen"), get("fp16", "qflash_gen")
-        qs = get("fp16_static", "qflash_gen")
-        sd = [r for r in rs if r["mode"] == "fp16" and r["impl"] != "qflash_gen"]
-        sg = [r for r in rs if r["mode"] == "graph" and r["impl"] != "qflash_gen"]
+        qk, qg = get("kernel", "qflash_gen"), get("graph", "qflash_gen")
+        qfg, qsg = get("graph_fp16", "qflash_gen"), get("graph_fp16_static", "qflash_gen")
+        ivg = get("graph_ivit", "ivit_unfused")
+        qf, qs, iv = get("fp16", "qflash_gen"), get("fp16_static", "qflash_gen"), get("ivit", "ivit_unfused")
+        sd = [r for r in rs if r["mode"] == "fp16" and r["impl"].startswith("sdpa")]
+        sg = [r for r in rs if r["mode"] == "graph" and r["impl"].startswith("sdpa")]
         best = min(sd, key=lambda r: r["us"]) if sd else None
         bestg = min(sg, key=lambda r: r["us"]) if sg else None
-        ratio = lambda a, b: f"{b['us'] / a['us']:.2f}×" if a and b else "n/a"  # noqa: E731
-        static = f"{qs['us']:.1f}" if qs else "n/a"
+
+        def ratio(a, b):
+            return f"{b['us'] / a['us']:.2f}×" if a and b else "n/a"
+
+        def cell(r, against):
+            return f"{r['us']:.1f} ({ratio(r, against)})" if r else "n/a"
+
+        eq = "/".join(str(r["oracle_equal"]) if r else "n/a" for r in (qk, qf, qs, iv))
         out.append(
-            f"| {wl} | {bt} | {qk['us']:.1f} | {qg['us']:.1f} | {qf['us']:.1f} | {static} | "
-            f"{best['us']:.1f} ({best['impl']}) | {bestg['us']:.1f} | {ratio(qk, best)} | {ratio(qg, bestg)} | "
-            f"{ratio(qf, best)} | {ratio(qs, best)} | {_limits_cell(qk)} | {qk['sqnr_db']:.1f} | "
-            f"{qk['oracle_equal']}/{qs['oracle_equal'] if qs else 'n/a'} | {qk['config']} ({qk['lookup']}) |"
+            f"| {wl} | {bt} | {qk['us']:.1f} | {best['us']:.1f} ({best['impl']}) | {ratio(qk, best)} | "
+            f"{qg['us']:.1f} | {bestg['us']:.1f} | {ratio(qg, bestg)} | {cell(qfg, bestg)} | {cell(qsg, bestg)} | "
+            f"{cell(ivg, qg) if ivg else 'n/a'} | {_limits_cell(qk)} | {qk['sqnr_db']:.1f} | {eq} | "
+            f"{qk['config']} ({qk['lookup']}) |"
         )
     out.append("")
     out.append(
-        "Ratios are best-SDPA fp16 time / qflash time (>1: qflash faster; graph ratio: both under CUDA-graph "
-        "replay). kernel: int8 in (V key-major), fp16 out, the launch alone. fp16→fp16: dynamic scales (max|x|/127 on every "
-        "call). static: per-tensor scales calibrated once on the input (Python floats), then fp16 q, k, v "
-        "quantized inside the kernel's loads (one launch). limits %: the kernel row's share of peak HBM bandwidth, dense int8 tensor rate and "
-        "integer-ALU rate (– where not modelled: ALU only where each program runs the SASS body once: one key "
-        "tile, one head per program, no tail tile; see qflash_gen/roofline.py)."
+        "Ratios are best-SDPA fp16 time / qflash time (>1: qflash faster); graph columns: both under CUDA-graph "
+        "replay (GPU time; host launch time excluded). kernel: int8 in (V key-major), fp16 out, the launch alone. "
+        "fp16→fp16 dynamic: `qflash_gen.attention`, one scale per (batch, head) computed on the device "
+        "(k smoothed), two launches (quantizer, kernel). static: per-tensor scales calibrated once "
+        "(Python floats), fp16 q, k, v quantized in the kernel's loads where one query block covers N, "
+        "else by the quantizer first. I-ViT unfused: int8 QKᵀ GEMM, integer softmax over whole rows, int8 "
+        "P·V GEMM in three launches with N×N intermediates in HBM (tools/ivit_baseline.py), the same integer "
+        "math; the speedup is its graph time over qflash's. limits %: the kernel row's share of peak HBM "
+        "bandwidth, dense int8 tensor rate and integer-ALU rate (– where not modelled; see qflash_gen/roofline.py)."
     )
     return "\n".join(out)
 
@@ -443,6 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--energy", action="store_true", help="also µJ per call (NVML energy counter, graph replay)")
     p.add_argument("--energy-seconds", type=float, default=1.0, help="least GPU time of each energy loop (s)")
     p.add_argument("--energy-repeats", type=int, default=3, help="energy rounds (idle + every impl) per workload")
+    p.add_argument("--time-budget", type=float, default=0, help="seconds; start no new shape after this (0: none)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench.py needs a CUDA GPU", file=sys.stderr)
@@ -465,32 +537,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     gpu = gpu_label()
     clock_mhz, clock_source = roofline.max_sm_clock_mhz(torch.cuda.current_device())
-    rows: list[dict] = []
-    for wl in args.workloads.split(","):
-        for bt in (int(x) for x in args.batches.split(",")):
-            bench_one(wl, bt, cfg, rows, gpu, clock_mhz)
-            last = [r for r in rows if r["workload"] == wl and r["batch"] == bt]
-            print(" ".join(f"{r['mode']}/{r['impl']}={r['us']:.1f}" for r in last), flush=True)
-            if counter is not None:
-                bench_energy(
-                    wl,
-                    bt,
-                    cfg,
-                    rows,
-                    gpu,
-                    counter=counter,
-                    min_seconds=args.energy_seconds,
-                    repeats=args.energy_repeats,
-                )
-                got = [r for r in rows if r["workload"] == wl and r["batch"] == bt and r["mode"] == "energy"]
-                print(" ".join(f"energy/{r['impl']}={r['energy_uj']:.1f}uJ" for r in got), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{gpu}{args.tag}"
-    with open(out / f"{stem}.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
-        w.writeheader()
-        w.writerows(rows)
     dev = torch.cuda.get_device_properties(0)
     header = (
         f"# qflash-gen vs SDPA fp16 on {torch.cuda.get_device_name()} ({gpu})\n\n"
@@ -505,10 +554,38 @@ def main(argv: list[str] | None = None) -> int:
         + "`\n\n"
         + limits_line(gpu, clock_mhz, clock_source)
     )
+    rows: list[dict] = []
+    start = time.monotonic()
+    for wl in args.workloads.split(","):
+        for bt in (int(x) for x in args.batches.split(",")):
+            if args.time_budget and time.monotonic() - start > args.time_budget:
+                print(f"time budget of {args.time_budget:g} s spent: {wl} b={bt} and later not measured", flush=True)
+                break
+            try:
+                bench_one(wl, bt, cfg, rows, gpu, clock_mhz)
+            except Exception as exc:  # one workload failing must not lose the others
+                print(f"{wl} b={bt}: FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", flush=True)
+                continue
+            last = [r for r in rows if r["workload"] == wl and r["batch"] == bt]
+            print(f"{wl} b={bt}: " + " ".join(f"{r['mode']}/{r['impl']}={r['us']:.1f}" for r in last), flush=True)
+            if counter is not None:
+                bench_energy(
+                    wl,
+                    bt,
+                    cfg,
+                    rows,
+                    gpu,
+                    counter=counter,
+                    min_seconds=args.energy_seconds,
+                    repeats=args.energy_repeats,
+                )
+                got = [r for r in rows if r["workload"] == wl and r["batch"] == bt and r["mode"] == "energy"]
+                print(" ".join(f"energy/{r['impl']}={r['energy_uj']:.1f}uJ" for r in got), flush=True)
+            _write(out, stem, rows, markdown(rows, gpu, header))  # after every shape: a killed run keeps them
     md = markdown(rows, gpu, header)
     if counter is not None:
         md += "\n\n" + energy_markdown(rows, counter.description, args.energy_seconds, args.energy_repeats)
-    (out / f"{stem}.md").write_text(md + "\n")
+    _write(out, stem, rows, md)
     try:  # the PNG next to them (tools/plot_bench.py; needs matplotlib)
         sys.path.insert(0, str(ROOT / "tools"))
         from plot_bench import plot
@@ -521,6 +598,16 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(md)
     return 0
+
+
+def _write(out: Path, stem: str, rows: list[dict], md: str) -> None:
+    if not rows:
+        return
+    with open(out / f"{stem}.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+        w.writeheader()
+        w.writerows(rows)
+    (out / f"{stem}.md").write_text(md + "\n")
 
 
 if __name__ == "__main__":

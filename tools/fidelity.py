@@ -357,8 +357,11 @@ def _int8_qkv_only(q, k, v, attn):
             sq, sk, sv = (s[i, 0] for i in range(3))
         else:
             sq, sk, sv = (s[i].view(1, -1, 1, 1).repeat(1, q.shape[1] // s.shape[1], 1, 1) for i in range(3))
-    else:
-        sq, sk, sv = (quant.dynamic_scale(t) for t in (q, k, v))
+    else:  # dynamic: one scale per (batch, head), k smoothed (q . mean(k) drops out of softmax)
+        q8, k8, v8, params = quant.quantize_dynamic(q, k, v, q.shape[-1])
+        t = params.table.double()
+        dq = [x.double() * t[..., i, None, None] for i, x in enumerate((q8, k8, v8))]
+        return attn.from_kernel(float_attention(*dq, scale=attn.scale))
     dq = [torch.clamp(torch.round(t.double() / s), -127, 127) * s for t, s in ((q, sq), (k, sk), (v, sv))]
     return attn.from_kernel(float_attention(*dq, scale=attn.scale))
 

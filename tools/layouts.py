@@ -5,7 +5,7 @@
 Per workload x batch (do_bench median, µs; every output checked bit for bit against the oracle):
   int8_v_contig    int8 q, k, v, V contiguous (B, H, N, D): the kernel transposes V byte by byte
   int8_v_keymajor  the same values, V key-major (quant.key_major, what quant_kernels writes)
-  static_fused     fp16 in, static scales, quantized in the kernel's loads (one launch)
+  static           fp16 in, static scales: launch.launch_static (in-load quantization, or the quantizer first)
   dynamic          fp16 in, api.attention (per-call scales: absmax, quantize, kernel)
 Prints one line per shape and writes <out>/layouts-<gpu>.csv.
 """
@@ -53,16 +53,16 @@ def run(name: str, batch: int, config: KernelConfig | None) -> list[dict]:
     out = torch.empty(shape, dtype=torch.float16, device="cuda")
 
     paths = {
-        "int8_v_contig": lambda: launch.launch_fast(module, cfg, q8, k8, v8, params, out, torch.float16),
-        "int8_v_keymajor": lambda: launch.launch_fast(module, cfg, q8, k8, v8k, params, out, torch.float16),
-        "static_fused": lambda: launch.launch_fast(module, cfg, q, k, v, params, out, torch.float16),
+        "int8_v_contig": lambda: launch.launch_fast(module, cfg, q8, k8, v8, params, None, out, torch.float16),
+        "int8_v_keymajor": lambda: launch.launch_fast(module, cfg, q8, k8, v8k, params, None, out, torch.float16),
+        "static": lambda: launch.launch_static(module, cfg, q, k, v, params, None, out, torch.float16, fast=True),
         "dynamic": lambda: api.attention(q, k, v, config=cfg),
     }
     rows = []
     for path, fn in paths.items():
         got = fn()
         if path == "dynamic":  # its own per-call scales: compare against its own oracle
-            (a, b_, c), sc, p = quant_kernels.quantize_qkv(q, k, v, d)
+            a, b_, c, p = quant_kernels.quantize_heads(q, k, v)
             exp = reference.reference_int8(a, b_, c, p, cfg, out_dtype=torch.float16)
         else:
             exp = want

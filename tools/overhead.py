@@ -60,10 +60,10 @@ def main() -> int:
     params = quant.make_params(*scales, head_dim=d, device="cuda")
     module = kern.module
     grid = (triton.cdiv(n, cfg.block_m), b * h)
-    lut = launch.lut_arg(cfg, q8.device, params.ints)
+    lut = launch.lut_arg(cfg, q8.device, params.scales)
     args = signature.pack(
-        q8, k8, v8, out, params.ints, params, lut, q8.stride(), k8.stride(), v8.stride(), out.stride(),
-        launch.NO_STRIDES, h, n, d, False, True, launch.v_keys(v8), cfg.tail_rows(n), 1,
+        q8, k8, v8, out, params.scales, params, params.strides(), 1, lut, q8.stride(), k8.stride(), v8.stride(),
+        out.stride(), launch.NO_STRIDES, h, n, d, False, True, launch.v_keys(v8), cfg.tail_rows(n), 1,
     )  # fmt: skip
     options = signature.launch_options(cfg.render_part())  # Triton's own launch, uncapped, one head
     fn = module._qflash_fwd

@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qflash_gen import api, attention, launch, quant  # noqa: E402
+from qflash_gen import api, attention, launch, quant, quant_kernels  # noqa: E402
 from qflash_gen.config import default_config  # noqa: E402
 
 
@@ -47,6 +47,7 @@ def main() -> None:
         "dynamic_scale x3": lambda: [quant.dynamic_scale(t) for t in (q, k, v)],
         "quantize x3": lambda: [quant.quantize(t, s) for t, s in ((q, sq), (k, sk), (v, sv))],
         "make_params": lambda: quant.make_params(sq, sk, sv, head_dim=shape[3]),
+        "quantize_heads (1 launch)": lambda: quant_kernels.quantize_heads(q, k, v),
         "launch (fp16 out)": lambda: launch.launch(cfg, q8, k8, v8, params, out_dtype=torch.float16),
         "attention_int8": lambda: api.attention_int8(q8, k8, v8, (sq, sk, sv), config=cfg, out_dtype=torch.float16),
         "attention (fp16)": lambda: attention(q, k, v, config=cfg),

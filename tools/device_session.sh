@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One device call that does a session's GPU work in order of importance, each step under its own
+# time cap (a step that runs out is cut; what it wrote under $OUT stays): card facts, the kernel
+# tests compiled for the GPU (bits == oracle), the whole-model benchmark,
+# the fidelity run on the DINOv2 photos (when .fidelity/ was carried), the kernel benchmark.
+#   bash tools/device_session.sh            (writes under $OUT, default ./out)
+# Caps (seconds) from the environment: TESTS_S, MODELS_S, BENCH_S, FIDELITY_S.
+set -uo pipefail
+OUT=${OUT:-out}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,power.limit --format=csv | tee "$OUT/gpu.txt"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+export QFLASH_GEN_CACHE=${QFLASH_GEN_CACHE:-/tmp/qflash-cache} PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET
+python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' | tee -a "$OUT/gpu.txt"
+step() {  # step NAME CAP CMD...: run CMD under a time cap, log to $OUT/NAME.log, print its tail
+  local name=$1 cap=$2; shift 2
+  local t0=$SECONDS
+  timeout --signal=INT --kill-after=10 "$cap" "$@" > "$OUT/$name.log" 2>&1
+  echo "== $name: rc=$? in $((SECONDS - t0)) s (cap $cap s)"; tail -n "${TAIL:-12}" "$OUT/$name.log"
+}
+step tests "${TESTS_S:-140}" python3 -m pytest -m gpu -q -n 8 -p no:cacheprovider \
+  tests/test_oracle_equality.py tests/test_attention_api.py tests/test_quant_kernels.py tests/test_static_inputs.py \
+  tests/test_heads_per_program.py tests/test_ivit_baseline.py tests/test_get_kernel.py tests/test_models.py \
+  tests/test_properties.py
+step models "${MODELS_S:-190}" python3 tools/bench_models.py --out "$OUT" --models vit_t,vit_s,vit_b,deit_s,swin_t,vit_b_384 \
+  --batches 1,64 --repeats 3 --iters 10
+if [ -d .fidelity ]; then
+  step fidelity "${FIDELITY_S:-60}" python3 tools/fidelity.py run --device cuda --configs default --scales dynamic,static --dtype float16
+fi
+step bench "${BENCH_S:-170}" python3 tools/bench.py --out "$OUT" --time-budget $(( ${BENCH_S:-170} - 40 )) \
+  --workloads A1,A2,A3,A4,A5,A6,A7,vit_b_384,dinov2_b --batches 1,8,64
