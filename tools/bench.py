@@ -479,10 +479,11 @@ def markdown(rows: list[dict], gpu: str, header: str) -> str:
             return f"{r['us']:.1f} ({ratio(r, against)})" if r else "n/a"
 
         eq = "/".join(str(r["oracle_equal"]) if r else "n/a" for r in (qk, qf, qs, iv))
+        ivit = f"{ivg['us']:.1f} ({ratio(qg, ivg)})" if ivg else "n/a"  # speedup: I-ViT time / qflash time
         out.append(
             f"| {wl} | {bt} | {qk['us']:.1f} | {best['us']:.1f} ({best['impl']}) | {ratio(qk, best)} | "
             f"{qg['us']:.1f} | {bestg['us']:.1f} | {ratio(qg, bestg)} | {cell(qfg, bestg)} | {cell(qsg, bestg)} | "
-            f"{cell(ivg, qg) if ivg else 'n/a'} | {_limits_cell(qk)} | {qk['sqnr_db']:.1f} | {eq} | "
+            f"{ivit} | {_limits_cell(qk)} | {qk['sqnr_db']:.1f} | {eq} | "
             f"{qk['config']} ({qk['lookup']}) |"
         )
     out.append("")
