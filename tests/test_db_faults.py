@@ -132,6 +132,16 @@ def test_a_file_cut_at_half_its_bytes_is_detected(full_file, capsys):
     assert code == 1 and out.startswith(f"CORRUPT {full_file}")
 
 
+def test_the_shipped_db_cut_at_half_its_bytes_is_an_error(tmp_path, capsys):
+    """issue 18 item 5, as reported: the shipped h100.yaml cut at half its bytes read as a smaller
+    DB ("6 usable, 16 stale", exit 0)."""
+    data = (db.shipped_db_dir() / "h100.yaml").read_bytes()
+    cut = tmp_path / "h100.yaml"
+    cut.write_bytes(data[: len(data) // 2])
+    code, out, _ = run_db(capsys, "check", "--db", str(tmp_path))
+    assert code == 1 and out.startswith(f"CORRUPT {cut}:") and "cut short" in out
+
+
 def test_a_file_cut_between_entries_is_detected(full_file):
     text = full_file.read_text()
     cut = text.index("\n- key:", len(text) // 2)  # a cut that leaves valid YAML with fewer entries

@@ -137,7 +137,7 @@ def test_qflash_db_leases_lists_and_cleans(leftovers, capsys):
 
 def test_the_next_run_sweeps_what_a_killed_run_left(leftovers, tmp_path):
     journal, storage, _ = leftovers
-    lease._swept.clear()  # noqa: SLF001 - a fresh process would start with none swept
+    lease.forget_sweeps()  # a fresh process would start with none swept
     _tune(tmp_path, journal)
     # dead config leases and the deleted study's lease are gone; the dead slot waits for a rerun
     # of its own study, and the live lease is another process's business

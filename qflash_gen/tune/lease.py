@@ -398,6 +398,11 @@ def clean(storage: Any, *, slots: bool = True, dry_run: bool = False) -> list[St
     return gone
 
 
+def forget_sweeps() -> None:
+    """Let the next :func:`sweep_once` of every storage sweep again (a long-lived process, tests)."""
+    _swept.clear()
+
+
 def sweep_once(storage: Any) -> int:
     """:func:`clean` without slots, once per storage and process (a run calls it when it opens a
     study): leases a killed run left in studies this run does not open go too.  Returns how many."""
