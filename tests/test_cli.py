@@ -342,6 +342,8 @@ def test_db_show_key_and_workload(capsys, db_dir):
     assert code == 0 and KernelConfig.from_dict(yaml.safe_load(out)["config"]) == SWIN_CFG
     code, _, err = run_db(capsys, "show", "n197_d64_nomask_bh16", "--db", str(db_dir))
     assert code == 2 and "malformed" in err
+    code, _, err = run_db(capsys, "show", "vit_b", "--gpu", "nosuch", "--db", str(db_dir))
+    assert code == 2 and "'nosuch' is not a known GPU" in err  # a typo, not "no entry"
 
 
 def test_db_check_flags_stale_entry_and_corrupt_file(capsys, db_dir):

@@ -37,6 +37,7 @@ from qflash_gen.cli.dbfiles import (
 )
 from qflash_gen.cli.leases import add_leases_parser, run_leases
 from qflash_gen.cli.report import run_report
+from qflash_gen.gpu import check_gpu_name
 from qflash_gen.keys import WorkloadKey, workload_key
 
 
@@ -109,6 +110,11 @@ def _db_show(args: argparse.Namespace, printer: Printer) -> int:
     if args.batch < 1:
         raise UsageError(f"--batch must be >= 1, got {args.batch}")
     database = open_db(args.db)
+    if args.gpu is not None:  # a GPU that is neither known nor has a DB file is a typo, not "no entry"
+        try:
+            check_gpu_name(args.gpu, also=tuple(database.gpus()), argument="--gpu")
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     keys = _parse_key_arg(args)
     files = scan(database, args.gpu)
     docs: list[dict[str, Any]] = []
