@@ -199,6 +199,22 @@ GRIDS: dict[str, Grid] = {
         rescale=("shift8",),
         p_bits=(7,),  # recorded before the 14-bit P existed
     ),
+    # The 14-bit-P table for the H200 (issue 17; docs/tuner-efficiency.md has the command): the
+    # tile axes of "sweep" with 16-row tiles, the two exp variants, the exact rescale and its
+    # Q15 shift (a single pass takes one), and the launch options the H100 winners use (r168,
+    # 2 heads per program).  2016 configs at N=197, 648 at N=49: large enough to know the best
+    # of each axis the tuner searches, small enough to record in two 10-minute calls.
+    "sweep14": Grid(
+        block_m=(16, 32, 64, 128),
+        block_n=(32, 64, 128, 256),
+        num_warps=(2, 4, 8),
+        num_stages=(1, 2, 3),
+        exp=("shift", "poly2"),
+        rescale=("split", "shift15"),
+        p_bits=(14,),
+        max_regs=(0, 168),
+        heads_per_program=(1, 2),
+    ),
     # A quick look (a few dozen configs per workload).
     "small": Grid(
         block_m=(64, 128),

@@ -19,7 +19,9 @@ itself; readers skip them (``pandas.read_csv(comment="#")`` works).  A config ab
 table was not measured (outside the grid, or infeasible) and replays as a failed trial.
 
 Writing is incremental (flush + fsync per row) so a crash loses at most the row being written;
-reopening a table resumes it (a torn last line is dropped) after checking the protocol matches.
+reopening a table for writing resumes it (a torn last line is dropped) after checking the
+protocol matches.  Reading one whose last row is torn is an error naming the file and line (a
+replay of a silently shortened table would look complete).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import csv
 import dataclasses
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -182,23 +185,57 @@ def _split_meta(lines: Iterable[str], path: Path) -> tuple[dict[str, Any], list[
 
 
 def read_table(path: str | os.PathLike[str]) -> Table:
-    """Load a recorded table; ValueError naming the file and line on a malformed row."""
+    """Load a recorded table; ValueError naming the file (and line) for a path that is not a
+    file, a file that is not UTF-8 text, a last row cut short (no line end: a writer killed
+    mid-row, a copy cut off) and a malformed row."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"--simulate {path}: is a directory; give the table file (CSV) recorded by tools/sweep.py")
     if not path.is_file():
         raise ValueError(f"--simulate {path}: no such file")
-    raw = path.read_bytes()
-    text = raw.decode("utf-8")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"--simulate {path}: cannot read it: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"{path}: not a measurement table (CSV text): byte {raw[exc.start]:#04x} at offset {exc.start} "
+            "is not UTF-8"
+        ) from None
+    if "\0" in text:
+        raise ValueError(f"{path}: not a measurement table (CSV text): it holds NUL bytes (offset {text.index(chr(0))})")
     if text and not text.endswith("\n"):
-        text = text[: text.rfind("\n") + 1]  # a torn last row (writer killed mid-line) is dropped
+        line = text.count("\n") + 1
+        raise ValueError(
+            f"{path}:{line}: the last row is cut short (no line end after byte {len(raw)}: a sweep killed "
+            f"mid-row, or a copy cut off); rerun the sweep with --record {path} to drop it and resume, or "
+            "delete that line"
+        )
     meta, body = _split_meta(text.splitlines(keepends=True), path)
     reader = csv.DictReader(io.StringIO("".join(body)))
-    missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
+    try:
+        fieldnames = reader.fieldnames
+    except csv.Error as exc:
+        raise ValueError(f"{path}: not a measurement table: {exc}") from None
+    missing = [c for c in COLUMNS if c not in (fieldnames or [])]
     if missing:
         raise ValueError(f"{path}: not a qflash-gen measurement table; missing columns {missing}")
-    has_energy = "energy_uj" in (reader.fieldnames or [])
+    has_energy = "energy_uj" in (fieldnames or [])
     rows: list[Row] = []
-    for i, rec in enumerate(reader, start=2):
+    records = iter(reader)
+    for i in itertools.count(start=2):
         where = f"{path}: data row {i - 1}"
+        try:
+            rec = next(records)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        if None in rec or any(rec.get(c) is None for c in fieldnames):
+            got = sum(v is not None for k, v in rec.items() if k is not None) + len(rec.get(None) or ())
+            raise ValueError(f"{where}: {got} fields where the header has {len(fieldnames)} columns")
         try:
             config = KernelConfig.from_dict(json.loads(rec["config"]))
             shape = ShapeSpec(
