@@ -12,6 +12,8 @@ best feasible latency found is within 3 % of the optimum:
 * ``warm``: the same with the warm starts of a run on a card with this checkout's shipped DBs
   (``--warm-start all``: the runtime's current pick, every shipped file's entries mapped into
   the table's space, the default, their variants);
+* ``anywhere``: the staged climb and TPE from one config of the table drawn at random (by the
+  seed): how the search does from a start that knows nothing;
 * ``tpe``, ``random``: the sampler alone from the first trial (no warm start, no climb): the
   search before issue 17, and the baseline.
 
@@ -27,6 +29,7 @@ Issue 17's goal: the default search reaches 3 % within 20 % of the table's confi
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import sys
 import tempfile
@@ -48,16 +51,21 @@ from qflash_gen.tune.trials import TrialRecord  # noqa: E402
 MODES = {  # mode -> (warm start, strategy, sampler)
     "cold": ("none", "staged", "tpe"),
     "warm": ("all", "staged", "tpe"),
+    "anywhere": ("one random config", "staged", "tpe"),
     "tpe": (None, "sampler", "tpe"),
     "random": (None, "sampler", "random"),
 }
 
 
-def enqueue_for(mode: str, measurer: SimulatedMeasurer, shape, space: SearchSpace, db_dir: Path) -> list:
+def enqueue_for(
+    mode: str, measurer: SimulatedMeasurer, shape, space: SearchSpace, db_dir: Path, seed: int = 0
+) -> list:
     """The warm starts of ``mode`` for ``shape`` (``db_dir``: an empty user DB)."""
     warm = MODES[mode][0]
     if warm is None:
         return []
+    if mode == "anywhere":
+        return [random.Random(seed).choice(space.configs())]
     dtype = measurer.protocol.get("out_dtype", "fp16")
     current = current_pick(shape, dtype, measurer.gpu, db_dir) if warm == "all" else None
     return warm_starts(space, shape, measurer.gpu, dtype, target=db_dir, mode=warm, current=current)
@@ -134,10 +142,16 @@ def efficiency(
             row["feasible"] = len(feasible)
             row["within"] = sum(1 for r in feasible if r.measurement.latency_us <= target)
             for mode in modes:
-                enqueue = enqueue_for(mode, measurer, shape, space, Path(empty_db))
                 row["counts"][mode] = [
                     trials_to_reach(
-                        measurer, shape, space, target, mode=mode, seed=seed, sqnr_floor=sqnr_floor, enqueue=enqueue
+                        measurer,
+                        shape,
+                        space,
+                        target,
+                        mode=mode,
+                        seed=seed,
+                        sqnr_floor=sqnr_floor,
+                        enqueue=enqueue_for(mode, measurer, shape, space, Path(empty_db), seed),
                     )
                     or space.size
                     for seed in range(seeds)
@@ -151,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=10, help="seeds per mode (>= 10; default 10)")
     p.add_argument("--sqnr-floor", type=float, default=30.0)
     p.add_argument("--within", type=float, default=0.03, help="relative distance to the optimum (default 0.03)")
-    p.add_argument("--modes", default="cold,warm,tpe,random", help=f"comma-separated, of {sorted(MODES)}")
+    p.add_argument("--modes", default="cold,warm,anywhere,tpe,random", help=f"comma-separated, of {sorted(MODES)}")
     p.add_argument("--samplers", help=argparse.SUPPRESS)  # old name: tpe,random
     p.add_argument("--gpu", help="GPU of the table to use (when it holds several)")
     args = p.parse_args(argv)

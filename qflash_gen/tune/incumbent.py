@@ -28,6 +28,7 @@ from typing import Any
 from qflash_gen import db
 from qflash_gen.config import KernelConfig, default_config
 from qflash_gen.tune.measure.base import Measurement, Measurer, ShapeSpec
+from qflash_gen.tune.measure.simulate import NOT_RECORDED
 from qflash_gen.tune.objective import has_values, metric
 from qflash_gen.tune.space import SearchSpace
 from qflash_gen.tune.trials import StudyResult, TrialRecord
@@ -136,7 +137,7 @@ class Verdict:
     ``pick``: the record the entry holds (None: no config meets the floor); ``write``: False
     when the runtime's exact entry stays as it is; ``current`` / ``default``: the runtime's pick
     and the default config as measured in this study (None: not measured); ``note``: one line
-    for the summary."""
+    for the summary; ``current_why``: how the runtime found its pick (``Kernel.why``)."""
 
     pick: TrialRecord | None
     write: bool
@@ -144,6 +145,7 @@ class Verdict:
     default: TrialRecord | None
     note: str
     objective: str = "latency"
+    current_why: str | None = None  # Kernel.why of the runtime's pick (None: not looked up)
 
     def ratio(self, other: TrialRecord | None) -> float | None:
         """``other``'s value over the pick's (> 1: the pick is faster)."""
@@ -176,16 +178,22 @@ def judge(
     best = result.best
 
     def verdict(pick: TrialRecord | None, write: bool, note: str) -> Verdict:
-        return Verdict(pick, write, cur, default, note, objective)
+        return Verdict(pick, write, cur, default, note, objective, None if current is None else current.why)
 
     if best is None:
         return verdict(None, False, "no config meets the floor: nothing written")
     if current is None:
-        return verdict(best, True, "new entry (the runtime's pick for this key is unknown)")
+        return verdict(
+            best,
+            True,
+            "no runtime pick to compare with (not looked up: --warm-start none, or a GPU the runtime does not know)",
+        )
     what = f"the runtime's pick ({current.why}, {current.config.short()})"
     if cur is None:
         return verdict(best, True, f"{what} was not measured in this study")
     m = cur.measurement
+    if m.error == NOT_RECORDED:
+        return verdict(best, True, f"{what} is not in the replayed table: not compared")
     if not (m.feasible(floor) and has_values(m, objective)):
         why = m.error if not m.ok else f"SQNR {m.sqnr_db:.1f} dB below the {floor:g} dB floor"
         return verdict(best, True, f"{what} fails here ({why}); the entry replaces it")

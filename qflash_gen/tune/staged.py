@@ -17,7 +17,8 @@ fastest feasible config measured so far (the centre), in stages:
 ``Climb.propose`` returns the first unmeasured move of the earliest stage around the centre.
 Once a stage's moves are all measured, the best config so far (a feasible one beats any below
 the SQNR floor; before any is feasible, the fastest correct one leads) becomes the centre and the
-climb starts again at its tiling.  When every move around the centre is measured and none is
+climb starts again at its tiling.  Around a centre below the floor, the numeric and the tiling
+moves are one first stage, numeric first (both can lift SQNR: a single pass is more accurate).  When every move around the centre is measured and none is
 better (a local optimum of the grid's axes) it returns None and the sampler proposes; a better
 config the sampler finds restarts the climb.  The only state is the centre: a resumed study, or
 another process on the same study, climbs from the best config stored.
@@ -37,6 +38,9 @@ STAGES: tuple[tuple[str, ...], ...] = (
     ("exp", "rescale", "p_bits", "acc_bits"),
     ("max_regs", "heads_per_program"),
 )
+# Around a centre below the SQNR floor, the numeric moves (which move SQNR most) and the tiling
+# moves (a single pass is also more accurate) form one first stage.
+BELOW_FLOOR: tuple[tuple[str, ...], ...] = (STAGES[1] + STAGES[0], STAGES[2])
 STRATEGIES: tuple[str, ...] = ("staged", "sampler")
 
 
@@ -115,7 +119,8 @@ class Climb:
         measured = {r.config.hash for r in records}
         while True:
             center = self.center
-            for axes in STAGES:
+            stages = STAGES if center.measurement.feasible(self.floor) else BELOW_FLOOR
+            for axes in stages:
                 for config in moves(self.space, self.space.canonical(center.config), axes):
                     if config.hash not in measured and not taken(config):
                         return config

@@ -38,7 +38,7 @@ def summary_table(
     for r, space in results:
         v = verdicts.get(r.study_name) or judge(r, space, None, floor=args.sqnr_floor, objective=args.objective)
         pick = v.pick
-        current = "-" if v.current is None else v.current.config.short()
+        current = v.current_why or "-"
         table.add_row(
             r.shape.workload,
             str(r.shape.batch),
