@@ -211,6 +211,8 @@ def check_writable(args: argparse.Namespace, gpu: str) -> None:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     where = f"--db {args.db}" if args.db else f"the user DB {path.parent} (${db.ENV_DB_DIR} or --db to change it)"
+    if path.parent.exists() and not path.parent.is_dir():
+        raise UsageError(f"{where}: {path.parent} is a file, not the directory that holds {path.name}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
