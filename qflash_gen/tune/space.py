@@ -12,9 +12,10 @@ a GPU's shared memory and applies the constraints:
   The space picks the narrowest width :func:`qflash_gen.config.fits` allows.  A grid may still
   list ``acc_bits`` explicitly; then configs that can overflow are infeasible.
 * **Rescale of a single pass.**  When ``block_n >= N`` the kernel runs one pass with no online
-  rescale (``SINGLE_PASS`` is a constexpr: the rescale helper is never called), so the rescale
-  axis changes nothing there: such configs take the space's first rescale choice
-  (:meth:`SearchSpace.canonical`), and a stored config with another one maps onto that twin.
+  rescale (``SINGLE_PASS`` is a constexpr: the rescale helper is never called), so configs that
+  differ only in rescale there run the same kernel: :meth:`SearchSpace.equivalent` says so (the
+  climb of :mod:`.staged` and the runtime's-pick check use it; the grid still lists them, so
+  study names and stored studies stay as they were).
 * **Shared memory.**  A lower-bound estimate (:func:`smem_estimate`) rejects configs that cannot
   fit the GPU's per-block shared memory (``qflash_gen.gpu.smem_limit``); anything the estimate misses fails at compile time in the
   worker, which the tuner records as a failed trial.
@@ -39,10 +40,6 @@ from qflash_gen.config import KernelConfig
 
 if TYPE_CHECKING:
     import optuna
-
-# Version of the rules that turn a grid into configs (part of the space hash, so of the study
-# name: a study keeps the configs it was created with).  2: a single pass takes one rescale.
-SPACE_RULES = 2
 
 # Simplicity order of the numeric choices (ties within noise go to the simpler config).
 _EXP_RANK = {"shift": 0, "idiv": 1, "poly2": 2, "lut": 3}
@@ -328,12 +325,12 @@ class SearchSpace:
         )
         if "acc_bits" not in values and not cfgmod.fits(base, self.n, self.d):
             base = base.replace(acc_bits=64)
-        return self.canonical(base)
+        return base
 
     def canonical(self, config: KernelConfig) -> KernelConfig:
         """``config`` with the fields that cannot change its kernel at this N set to the space's
-        choice: a single pass (``block_n >= N``) never rescales, so its rescale is the space's
-        first (the same compiled kernel, the same bits)."""
+        choice: a single pass (``block_n >= N``) never rescales, so its rescale becomes the
+        space's first (the same compiled kernel, the same bits)."""
         if not cfgmod.single_pass(config, self.n):
             return config
         rescale, bits = parse_rescale(self.choices["rescale"][0])
@@ -390,9 +387,7 @@ class SearchSpace:
         return None if params is None else {**self.fixed, **params}
 
     def params_for(self, config: KernelConfig) -> dict[str, Any] | None:
-        """The Optuna params that give ``config`` (or the twin this space runs in its place, see
-        :meth:`canonical`), or None when the space cannot produce it."""
-        config = self.canonical(config)
+        """The Optuna params that give ``config``, or None when the space cannot produce it."""
         values = self._axis_values(config)
         if "acc_bits" not in self.choices:
             del values["acc_bits"]
@@ -445,6 +440,11 @@ class SearchSpace:
     def hashes(self) -> frozenset[str]:
         return frozenset(self.hash_list)
 
+    @functools.cached_property
+    def kernel_hashes(self) -> frozenset[str]:
+        """``hash`` of the :meth:`canonical` form of every feasible config: one per distinct kernel."""
+        return frozenset(self.canonical(c).hash for c in self._feasible)
+
     def configs(self) -> list[KernelConfig]:
         """Every feasible config, in grid order (tiles outermost)."""
         return list(self._feasible)
@@ -457,13 +457,7 @@ class SearchSpace:
     def hash(self) -> str:
         """What the DB header records as the search-space hash: the grid, N, D and limits."""
         blob = json.dumps(
-            {
-                "grid": self.grid.to_dict(),
-                "n": self.n,
-                "d": self.d,
-                "smem_limit": self.smem_limit,
-                "rules": SPACE_RULES,
-            },
+            {"grid": self.grid.to_dict(), "n": self.n, "d": self.d, "smem_limit": self.smem_limit},
             sort_keys=True,
         )
         return hashlib.sha256(blob.encode()).hexdigest()

@@ -14,6 +14,9 @@ fastest feasible config measured so far (the centre), in stages:
 3. **launch options**: each register cap, each with 1 and 2+ heads per program (2+ heads only
    pay with a pipelined loop, so they come with ``num_stages >= 2``).
 
+A move to a config that runs the same kernel as one measured (a single pass's rescale twins,
+``SearchSpace.equivalent``) is not made.
+
 ``Climb.propose`` returns the first unmeasured move of the earliest stage around the centre.
 Once a stage's moves are all measured, the best config so far (a feasible one beats any below
 the SQNR floor; before any is feasible, the fastest correct one leads) becomes the centre and the
@@ -50,7 +53,7 @@ def moves(space: SearchSpace, center: KernelConfig, axes: Sequence[str]) -> Iter
     values = space.axis_values(center)
     if values is None:
         return
-    seen = {center}
+    seen = {space.canonical(center)}  # twins that run the same kernel count once
     if "max_regs" in axes:
         stages = values["num_stages"]
         for r in space.choices["max_regs"]:
@@ -68,8 +71,8 @@ def moves(space: SearchSpace, center: KernelConfig, axes: Sequence[str]) -> Iter
 
 def _feasible(space: SearchSpace, values: dict, seen: set[KernelConfig]) -> Iterator[KernelConfig]:
     config, reason = space.config_from_params(values)
-    if reason is None and config not in seen:
-        seen.add(config)
+    if reason is None and space.canonical(config) not in seen:
+        seen.add(space.canonical(config))
         yield config
 
 
@@ -116,13 +119,13 @@ class Climb:
             return None
         if self.center is None:
             self.center = best
-        measured = {r.config.hash for r in records}
+        measured = {self.space.canonical(r.config).hash for r in records}
         while True:
             center = self.center
             stages = STAGES if center.measurement.feasible(self.floor) else BELOW_FLOOR
             for axes in stages:
-                for config in moves(self.space, self.space.canonical(center.config), axes):
-                    if config.hash not in measured and not taken(config):
+                for config in moves(self.space, center.config, axes):
+                    if self.space.canonical(config).hash not in measured and not taken(config):
                         return config
                 if best is not center and self._better(best, center):
                     break  # this stage is measured around the centre: move to the best

@@ -40,7 +40,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from qflash_gen.config import KernelConfig
+from qflash_gen.config import KernelConfig, single_pass
 from qflash_gen.reference import SQNR_FLOOR_DB
 from qflash_gen.tune import lease as lease_mod
 from qflash_gen.tune import staged
@@ -307,12 +307,12 @@ def _search(
     measured = tracker.by_hash  # every measured config of the study: earlier runs and other processes too
     for config in enqueue:
         params = space.params_for(config)
-        if params is not None and space.canonical(config).hash not in measured:
+        if params is not None and config.hash not in measured:
             study.enqueue_trial(params, skip_if_exists=True)
 
     rng = random.Random(settings.seed if settings.seed is None else settings.seed + slot)
     owner = storage_mod.owner_tag()
-    space_hashes = space.hashes
+    kernels = space.kernel_hashes  # a single pass's rescale twins are one kernel (SearchSpace.canonical)
     new = 0
     duplicates_in_row = 0
     asks = 0
@@ -332,9 +332,21 @@ def _search(
             study_id=run.study_id,
         )
 
+    def measured_kernels() -> set[str]:
+        return {space.canonical(r.config).hash for r in measured.values()}
+
+    def twin_of(config: KernelConfig) -> TrialRecord | None:
+        """A measured config that runs the same kernel as ``config`` (a single pass's rescale twin)."""
+        if not single_pass(config, space.n):
+            return None  # only a single pass has twins
+        canon = space.canonical(config)
+        return next((r for r in measured.values() if space.canonical(r.config) == canon), None)
+
     def unstick() -> bool:
         """Enqueue an unmeasured config nobody is measuring; False if there is none left."""
-        left = [(c, h) for c, h in zip(space.configs(), space.hash_list, strict=True) if h not in measured]
+        done = measured_kernels()
+        configs = zip(space.configs(), space.hash_list, strict=True)
+        left = [(c, h) for c, h in configs if space.canonical(c).hash not in done]
         if left:
             busy = {info.key for info in leases.live(lease_mod.CONFIG)}
             left = [(c, h) for c, h in left if h not in busy]
@@ -353,8 +365,8 @@ def _search(
         return lease_mod.holder_alive(leases.holder_of(lease_mod.CONFIG, config.hash))
 
     while tracker.count(slot) < budget and asks < settings.ask_limit:
-        if space_hashes <= measured.keys():
-            break  # every feasible config is measured: the search is exhaustive
+        if kernels <= measured_kernels():
+            break  # every feasible config (or its twin) is measured: the search is exhaustive
         asks += 1
         if climb and not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
             tracker.refresh(study)
@@ -373,7 +385,7 @@ def _search(
             continue
         config_hash = config.hash
         tracker.refresh(study)  # measurements by other processes on the same storage
-        prior = measured.get(config_hash)
+        prior = measured.get(config_hash) or twin_of(config)
         if prior is None:
             if not leases.acquire(lease_mod.CONFIG, config_hash, trial=trial.number):
                 # Another process is measuring it right now: skip it (FAIL: no sampler learns from it).
@@ -389,7 +401,7 @@ def _search(
                         break  # what is left is being measured by other processes
                 continue
             tracker.refresh(study)  # measured by someone who released the lease just before we took it?
-            prior = measured.get(config_hash)
+            prior = measured.get(config_hash) or twin_of(config)
             if prior is not None:
                 leases.release(lease_mod.CONFIG, config_hash)
         if prior is not None:

@@ -16,7 +16,9 @@ the idle power in W; see :mod:`qflash_gen.energy`); tables without them replay w
 ``spread_us`` / ``sqnr_db`` are empty where nothing was measured (a failed candidate, whose
 ``error`` says why).  The ``#`` lines record how the numbers were taken, so a table explains
 itself; readers skip them (``pandas.read_csv(comment="#")`` works).  A config absent from the
-table was not measured (outside the grid, or infeasible) and replays as a failed trial.
+table was not measured (outside the grid, or infeasible) and replays as a failed trial; a single
+pass (``block_n >= N``) runs no rescale, so a sweep records one of its rescale twins and
+:meth:`Table.lookup` answers for all of them.
 
 Writing is incremental (flush + fsync per row) so a crash loses at most the row being written;
 reopening a table for writing resumes it (a torn last line is dropped) after checking the
@@ -38,7 +40,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from qflash_gen.config import KernelConfig
+from qflash_gen.config import KernelConfig, single_pass
 from qflash_gen.tune.measure.base import Measurement, ShapeSpec
 
 COLUMNS: tuple[str, ...] = (
@@ -117,8 +119,11 @@ class Table:
         self.sha256 = sha256
         self.has_energy = has_energy  # recorded with the energy columns
         self._index: dict[tuple, Row] = {}
+        self._single: dict[tuple, Row] = {}  # single-pass rows by their config without rescale
         for row in rows:
             self._index[row.key()] = row  # a later row (re-measurement) wins
+            if single_pass(row.config, row.shape.n):
+                self._single[(row.gpu, *row.shape.match_key(), _without_rescale(row.config).hash)] = row
 
     @property
     def protocol(self) -> dict[str, Any]:
@@ -146,7 +151,11 @@ class Table:
         return list(seen.values())
 
     def lookup(self, gpu: str, shape: ShapeSpec, config: KernelConfig) -> Measurement | None:
+        """The recorded measurement of ``config`` on ``shape``; for a single pass (``block_n >= N``,
+        no rescale runs) the row of its rescale twin, which is the same kernel."""
         row = self._index.get((gpu, *shape.match_key(), config.hash))
+        if row is None and single_pass(config, shape.n):
+            row = self._single.get((gpu, *shape.match_key(), _without_rescale(config).hash))
         return None if row is None else row.measurement
 
     def rows_for(self, gpu: str, shape: ShapeSpec) -> list[Row]:
@@ -165,6 +174,10 @@ class Table:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+
+def _without_rescale(config: KernelConfig) -> KernelConfig:
+    return config.replace(rescale="split", rescale_bits=0)
 
 
 def _split_meta(lines: Iterable[str], path: Path) -> tuple[dict[str, Any], list[str]]:
