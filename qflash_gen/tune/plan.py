@@ -191,17 +191,20 @@ def warm_starts(
         seeds += ([incumbent] if incumbent is not None else []) + db_seeds(target, gpu, key, shipped=shipped)
     seeds.append(default_config(shape.n, shape.d))
     nearby = db_neighbors(target, gpu, shape.key(dtype), shipped=shipped) if mode != "none" else []
-    first = [space.canonical(c) for c in tries if space.params_for(c) is not None and space.check(c) is None]
+    first = [c for c in tries if space.params_for(c) is not None and space.check(c) is None]
     mapped = _mapped(space, seeds)
     out = first + [c for c in seed_variants(space, mapped) if c not in first]
     return out + [c for c in _mapped(space, nearby) if c not in out]
 
 
 def _mapped(space: Any, configs: Iterable[KernelConfig]) -> list[KernelConfig]:
+    """``configs`` mapped into ``space``, each kernel once (a single pass's rescale twins are one)."""
     out: list[KernelConfig] = []
+    seen: set[KernelConfig] = set()
     for c in configs:
         adapted = space.adapt(c)
-        if adapted is not None and adapted not in out:
+        if adapted is not None and space.canonical(adapted) not in seen:
+            seen.add(space.canonical(adapted))
             out.append(adapted)
     return out
 

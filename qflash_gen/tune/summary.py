@@ -55,7 +55,7 @@ def summary_table(
             escape(current),
             _ratio(v.ratio(v.current)),
         )
-        lines.append(f"{r.shape.label()}: {v.note}")
+        lines.append(f"{r.shape.label()}: " + ("--no-db, so not written; the entry would be: " if args.no_db else "") + v.note)
     out.print(table)
     for line in lines:
         out.print(escape(line))
