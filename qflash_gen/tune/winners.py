@@ -268,7 +268,6 @@ def write_winners(
     every slot's trials); the verdicts are judged on those same records.  A DB that cannot be
     written (a corrupt file, no permission, a full disk) ends the turns unwritten and says why
     in ``error``: every trial stays in the study storage."""
-    from rich.markup import escape
 
     currents = currents or {}
     turns, notes, fresh = [], [], []
@@ -325,8 +324,7 @@ def write_winners(
             f"{storage_desc}; rerun to retry, or write the DB later without measuring: "
             f"{export_hint(args, gpu, storage_desc)}"
         )
-        err.print(f"[red]{escape(f'qflash-tune: {error}')}[/]")
-        return Written(None, [], notes, fresh, verdicts, error)
+        return Written(None, [], notes, fresh, verdicts, error)  # the caller prints it after the summary
     for t, _ in turns:
         t.done(db=str(report.path) if report is not None else None, device=args.device_label)
     return Written(report, fronts, notes, fresh, verdicts)
