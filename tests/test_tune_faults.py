@@ -57,7 +57,7 @@ def test_a_db_that_cannot_be_written_after_tuning_prints_the_summary_and_the_exp
     code, out, err = _run(capsys, *RUN, "--trials", 5, "--storage", journal, "--db", db_dir)
     assert code == 1
     assert "Traceback" not in err and "qflash-tune on h100" in out  # the summary table
-    assert f"DB {db_dir / 'h100.yaml'} not written: PermissionError: [Errno 13] Permission denied" in err
+    assert f"DB {db_dir / 'h100.yaml'} not written: " in err and "Permission denied" in err
     assert f"study storage journal:{journal}" in err
     measured = _finished(journal)
     assert len(measured) == 2 and all(len(t) == 5 for t in measured.values())  # every trial kept
