@@ -1,12 +1,16 @@
-"""tools/tuner_efficiency.py runs the real search loop against a table and reports a markdown table.
+"""How fast the default search gets within 3 % of a recorded table's optimum (issue 17), and the
+mechanics of tools/tuner_efficiency.py.
 
-Mechanics only, on a SYNTHETIC table: the numbers it prints here say nothing about the tuner's
-quality (that is measured on the recorded H100 table and reported in docs/)."""
+The quality test replays a RECORDED table: tests/data/h200_sweep.csv once it exists (recorded on
+an H200 by the command in docs/tuner-efficiency.md), else tests/data/h100_sweep.csv (recorded on
+an H100, 7-bit P: the only real table so far).  The mechanics test uses the SYNTHETIC table of
+tests/test_tune_synthetic.py, whose numbers say nothing about quality."""
 
 from __future__ import annotations
 
 import importlib.util
 import re
+import statistics
 from pathlib import Path
 
 import pytest
@@ -15,6 +19,9 @@ from test_tune_synthetic import SYNTHETIC_NOTE, write_synthetic_table
 from qflash_gen.tune.measure import ShapeSpec
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "tuner_efficiency.py"
+DATA = Path(__file__).parent / "data"
+RECORDED = next((p for p in (DATA / "h200_sweep.csv", DATA / "h100_sweep.csv") if p.is_file()), None)
+FRACTION = 0.20  # issue 17: within 3 % of the optimum in <= 20 % of the table's configs (median)
 
 
 @pytest.fixture(scope="module")
@@ -25,20 +32,36 @@ def tool():
     return module
 
 
+@pytest.mark.skipif(RECORDED is None, reason="no recorded table in tests/data (tools/sweep.py records one)")
+def test_default_search_from_a_cold_start_reaches_3_percent_in_a_fifth_of_the_table(tool):
+    """The default search (staged climb, then TPE) with no DB at all (``--warm-start none``: only
+    the default config and its variants first), 10 seeds, every shape of the table."""
+    rows = tool.efficiency(RECORDED, seeds=10, modes=("cold",))
+    checked = 0
+    for row in rows:
+        if row["best"] is None:
+            continue
+        counts = row["counts"]["cold"]
+        median = statistics.median(counts)
+        assert median <= FRACTION * row["grid"], (RECORDED.name, row["shape"].label(), row["grid"], counts)
+        checked += 1
+    assert checked >= 2
+
+
 def test_efficiency_table(tool, tmp_path, capsys):
     table = tmp_path / "small.csv"
     write_synthetic_table(table, shapes=(ShapeSpec.of("swin_t_s4", 8),))
-    assert tool.main([str(table), "--seeds", "10"]) == 0
+    assert tool.main([str(table), "--seeds", "10", "--modes", "cold,tpe,random"]) == 0
     out = capsys.readouterr().out
     assert SYNTHETIC_NOTE in out  # a synthetic table says so in the report
     (row,) = [line for line in out.splitlines() if line.startswith("| swin_t_s4")]
     cells = [c.strip() for c in row.strip("|").split("|")]
     grid, feasible, within = int(cells[3]), int(cells[4]), int(cells[5])
     assert 0 < within <= feasible <= grid
-    for median_cell in (cells[6], cells[8]):  # tpe, random: "median [q1, q3]"
+    for median_cell in (cells[6], cells[8], cells[10]):  # cold, tpe, random: "median [q1, q3]"
         med, q1, q3 = map(int, re.match(r"(\d+) \[(\d+), (\d+)\]", median_cell).groups())
         assert 1 <= q1 <= med <= q3 <= grid
-    assert float(cells[10]) == pytest.approx((grid + 1) / (within + 1), abs=0.05)
+    assert float(cells[12]) == pytest.approx((grid + 1) / (within + 1), abs=0.05)
 
 
 def test_efficiency_needs_ten_seeds(tool, tmp_path):

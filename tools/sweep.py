@@ -4,10 +4,16 @@
     QFLASH_GEN_CACHE=/tmp/qflash-kernels python tools/sweep.py --gpu h100 \\
         --workloads vit_b,swin_t --batches 8,64 --record h100_sweep.csv
 
+    # issue 17's H200 table: 14-bit P and the tune grid's axes (grid sweep14), ~14 min: run it
+    # twice under a 10-minute limit, it resumes (docs/tuner-efficiency.md)
+    QFLASH_GEN_CACHE=/tmp/qflash-kernels timeout -s INT 570 python tools/sweep.py --gpu h200 --grid sweep14 \\
+        --workloads vit_b,swin_s --batches 64 --record tests/data/h200_sweep.csv --compile-jobs 15
+
 Same as ``qflash-tune --exhaustive --grid sweep ...`` (every flag of qflash-tune applies; see
 ``--help``): one row per (shape, config) of the grid, written as soon as measured, resumed when the
 file exists.  ``--dry-run`` prints the plan and a time estimate without measuring.  Needs no
-optuna.  See qflash_gen/tune/sweep.py for the method.
+optuna.  ``--grid`` picks the grid (default ``sweep``, the H100 table's; ``sweep14``: the H200's).
+See qflash_gen/tune/sweep.py for the method.
 """
 
 from __future__ import annotations

@@ -6,13 +6,16 @@ Modules, one concept each (the flow: docs/architecture.md):
   export, devices, sweep); :mod:`.setup` -- arguments to shapes, measurer, grid, storage;
   :mod:`.summary` -- what it prints.
 * :mod:`.space` -- the search space (grid, constraints, Optuna distributions).
-* :mod:`.plan` -- each study's warm starts (the DB's entries, the default, their variants).
+* :mod:`.plan` -- each study's warm starts (the runtime's current pick, every DB's entries, the
+  default, their variants); :mod:`.incumbent` -- the current pick and what a winner must beat.
 * :mod:`.study` -- open a study, take a slot, the ask/tell loop (:class:`~.study.StudySettings`);
+  :mod:`.staged` -- the climb along the grid's axes before the sampler;
   :mod:`.trials` -- trial records and results; :mod:`.objective` -- objectives and the pick.
 * :mod:`.measure` -- the measurement contract and its backends (GPU in a worker subprocess,
   replay of a recorded table).
 * :mod:`.table` -- recorded tables (CSV); :mod:`.sweep` -- the exhaustive sweep that records them.
-* :mod:`.storage` -- Optuna storage (journal file or a URL); :mod:`.lease` -- several processes
+* :mod:`.storage` -- Optuna storage (journal file or a URL; :mod:`.journal`: a torn or damaged
+  journal file); :mod:`.lease` -- several processes
   on one study (who measures a config, slots); :mod:`.db_turn` -- who writes the DB;
   :mod:`.winners` -- the DB entries and Pareto fronts; :mod:`.devices` -- ``--devices``: one
   device runner per GPU (docs/distributed.md).

@@ -16,8 +16,9 @@ Examples::
 One Optuna study per (GPU, workload, batch, dtype, search space); see :mod:`.study` for the rules
 (correctness first, SQNR floor, no re-measurement, resume) and :mod:`.measure` for the protocol.
 This module is the argument parser and the dispatch; the modes are in :mod:`.commands`.
-Exit status: 0 done, 1 a study found no config meeting the floor, 2 usage error (unknown
-workload, ``--gpu`` not the GPU present, …), always without a traceback.
+Exit status: 0 done, 1 a study found no config meeting the floor or the DB could not be written
+(the trials stay in the study storage; ``--export`` writes it later), 2 usage error (unknown
+workload, ``--gpu`` not the GPU present, an unwritable ``--db``, …), always without a traceback.
 """
 
 from __future__ import annotations
@@ -86,6 +87,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--energy-repeats", type=int, default=3, help="energy: rounds of idle + loop (default 3)")
     p.add_argument("--sampler", choices=("tpe", "random", "nsga2"), help="default: tpe (latency), nsga2 (pareto)")
+    p.add_argument(
+        "--strategy",
+        choices=("staged", "sampler"),
+        default="staged",
+        help="after the warm starts: staged (default: climb the grid's axes from the fastest config, tiling, "
+        "then numeric variants, then register caps and heads per program; the sampler once that is done) "
+        "or sampler (the sampler alone)",
+    )
+    p.add_argument(
+        "--warm-start",
+        choices=("all", "db", "none"),
+        help="what each study measures first: all (default: the runtime's current pick, the DB's and every "
+        "shipped DB's entries, the default, their variants), db (--db only: the default with --simulate), "
+        "none (--try and the default only: a cold start; the default with --no-db)",
+    )
     p.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, help="workload dtype (default fp16)")
     p.add_argument(

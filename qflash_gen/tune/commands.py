@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import socket
+import sys
 import time
 from typing import Any
 
@@ -41,9 +42,14 @@ class Search(Command):
     def run(self, args: argparse.Namespace, shapes: list, *, measurer: Any, dtype: str, grid: Any, **_: Any) -> int:
         from rich.markup import escape
 
+        from qflash_gen.tune import incumbent
+        from qflash_gen.tune.winners import check_writable, verdicts_for, write_winners
+
         out, err = consoles()
         shapes = self.replayable(args, measurer, shapes, err)
         storage, storage_desc = open_storage_arg(args)
+        if not args.no_db:
+            check_writable(args, measurer.gpu)  # before measuring anything
         record = self.measurer_record(args, measurer, dtype)
         plans = make_plans(args, measurer.gpu, dtype, shapes, grid, enqueue_db=True)
         label = f", device {args.device_label}" if args.device_label else ""
@@ -52,21 +58,30 @@ class Search(Command):
         results: list = []
         runs = self.open_studies(args, plans, storage, record)
         try:
+            currents = {
+                p.name: incumbent.settle(run.study, p.current, p.space, measurer, p.shape)
+                for p, run in zip(plans, runs, strict=True)
+            }
             _search_all(args, measurer, plans, runs, results, err)
         finally:
             for run in runs:
                 run.close()
-        report, fronts, notes = None, [], []
-        if not args.no_db:
-            from qflash_gen.tune.winners import write_winners  # optuna: not needed by --exhaustive
-
+        if args.no_db:
+            written = None
+            verdicts = verdicts_for(args, results, currents)
+        else:
             records = {r.study_name: record for r, _ in results}
-            report, fronts, notes, results = write_winners(
-                args, measurer.gpu, dtype, results, records, storage, storage_desc, err
+            written = write_winners(
+                args, measurer.gpu, dtype, results, records, storage, storage_desc, err, currents=currents
             )
-        summary_table(args, measurer.gpu, measurer.provenance.get("source"), results, out)
-        report_db(out, report, fronts, notes)
+            results, verdicts = written.results, written.verdicts
+        summary_table(args, measurer.gpu, measurer.provenance.get("source"), results, out, verdicts)
+        if written is not None:
+            report_db(out, written.report, written.fronts, written.notes)
         out.print(f"wall time {time.monotonic() - t_start:.1f} s")
+        if written is not None and written.error:
+            print(f"qflash-tune: error: {written.error}", file=sys.stderr)
+            return 1
         return 0 if all(r.best is not None for r, _ in results) else 1
 
     @staticmethod
@@ -203,7 +218,7 @@ def _export(args: argparse.Namespace, shapes: list) -> int:
     """``--export``: write the DB from the studies in ``--storage``, measuring nothing."""
     from rich.markup import escape
 
-    from qflash_gen.tune import study
+    from qflash_gen.tune import incumbent, study
     from qflash_gen.tune.space import get_grid
     from qflash_gen.tune.storage import as_backend
     from qflash_gen.tune.winners import write_winners
@@ -224,14 +239,16 @@ def _export(args: argparse.Namespace, shapes: list) -> int:
         grid = get_grid(args.grid or "tune")
     out, err = consoles()
     storage, storage_desc = open_storage_arg(args)
-    results, records = [], {}
+    results, records, currents = [], {}, {}
     for s, space, name, _ in make_plans(args, gpu, dtype, shapes, grid, enqueue_db=False):
         try:
             r = study.load_result(storage, name, s, space, objective=args.objective, sqnr_floor=args.sqnr_floor)
         except KeyError:
             err.print(f"[yellow]{escape(f'{s.label()}: no study {name} in {storage_desc}: not tuned (skipped)')}[/]")
             continue
-        record = as_backend(storage).get_study_user_attrs(r.study_id).get("measurer")
+        attrs = as_backend(storage).get_study_user_attrs(r.study_id)
+        record = attrs.get("measurer")
+        currents[name] = incumbent.CurrentPick.from_attr(attrs.get(incumbent.CURRENT_ATTR))
         if not record:
             raise UsageError(
                 f"--export: study {name} does not record how it was measured (tuned by an older qflash-tune); "
@@ -244,12 +261,17 @@ def _export(args: argparse.Namespace, shapes: list) -> int:
             f"--export: none of the requested studies is in {storage_desc}; check --gpu, --workloads, --batches, "
             "--dtype, --grid, --objective and --study (they name the study)"
         )
-    report, fronts, notes, results = write_winners(
-        args, gpu, dtype, results, records, storage, storage_desc, err, force=True
+    written = write_winners(
+        args, gpu, dtype, results, records, storage, storage_desc, err, currents=currents, force=True
     )
-    summary_table(args, gpu, "export", results, out)
-    report_db(out, report, fronts, notes)
-    return 0 if report is not None and all(r.best is not None for r, _ in results) else 1
+    summary_table(args, gpu, "export", written.results, out, written.verdicts)
+    report_db(out, written.report, written.fronts, written.notes)
+    if written.error:
+        print(f"qflash-tune: error: {written.error}", file=sys.stderr)
+        return 1
+    kept = all(not v.write for v in written.verdicts.values() if v.pick is not None)
+    ok = (written.report is not None or kept) and all(r.best is not None for r, _ in written.results)
+    return 0 if ok else 1
 
 
 def _run_devices(args: argparse.Namespace, argv: list[str], shapes: list) -> int:

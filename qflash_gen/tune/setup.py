@@ -161,6 +161,17 @@ def open_storage_arg(args: argparse.Namespace):
 
 
 
+def warm_start_mode(args: argparse.Namespace) -> str:
+    """``--warm-start`` as given, else ``none`` with ``--no-db`` (it reads no DB either), ``db``
+    with ``--simulate``, ``all`` otherwise (qflash_gen.tune.plan)."""
+    given = getattr(args, "warm_start", None)
+    if given:
+        return given
+    if getattr(args, "no_db", False):
+        return "none"
+    return "db" if getattr(args, "simulate", None) else "all"
+
+
 def tuner_settings(args: argparse.Namespace) -> dict[str, Any]:
     """How the search ran (stored on each study with the measurer's record, for ``--export``)."""
     from qflash_gen.tune import objective
@@ -170,6 +181,8 @@ def tuner_settings(args: argparse.Namespace) -> dict[str, Any]:
         "sampler": args.sampler or ("nsga2" if objective.is_pareto(args.objective) else "tpe"),
         "seed": args.seed,
         "sqnr_floor": args.sqnr_floor,
+        "strategy": getattr(args, "strategy", None) or "staged",
+        "warm_start": warm_start_mode(args),
     }
 
 
@@ -180,7 +193,7 @@ def study_settings(args: argparse.Namespace):
     try:
         return StudySettings(
             budget=args.trials, objective=args.objective, sqnr_floor=args.sqnr_floor, seed=args.seed,
-            sampler=args.sampler,
+            sampler=args.sampler, strategy=getattr(args, "strategy", None) or "staged",
         )  # fmt: skip
     except ValueError as exc:
         raise UsageError(str(exc)) from None

@@ -11,6 +11,11 @@ a GPU's shared memory and applies the constraints:
   the same bits (the oracle is the same integer program) at a higher cost, so it is dominated.
   The space picks the narrowest width :func:`qflash_gen.config.fits` allows.  A grid may still
   list ``acc_bits`` explicitly; then configs that can overflow are infeasible.
+* **Rescale of a single pass.**  When ``block_n >= N`` the kernel runs one pass with no online
+  rescale (``SINGLE_PASS`` is a constexpr: the rescale helper is never called), so configs that
+  differ only in rescale there run the same kernel: :meth:`SearchSpace.equivalent` says so (the
+  climb of :mod:`.staged` and the runtime's-pick check use it; the grid still lists them, so
+  study names and stored studies stay as they were).
 * **Shared memory.**  A lower-bound estimate (:func:`smem_estimate`) rejects configs that cannot
   fit the GPU's per-block shared memory (``qflash_gen.gpu.smem_limit``); anything the estimate misses fails at compile time in the
   worker, which the tuner records as a failed trial.
@@ -191,6 +196,22 @@ GRIDS: dict[str, Grid] = {
         rescale=("shift8",),
         p_bits=(7,),  # recorded before the 14-bit P existed
     ),
+    # The 14-bit-P table for the H200 (issue 17; docs/tuner-efficiency.md has the command): the
+    # tile axes of "sweep" with 16-row tiles, the two exp variants, the exact rescale and its
+    # Q15 shift (a single pass takes one), and the launch options the H100 winners use (r168,
+    # 2 heads per program).  2016 configs at N=197, 648 at N=49: large enough to know the best
+    # of each axis the tuner searches, small enough to record in two 10-minute calls.
+    "sweep14": Grid(
+        block_m=(16, 32, 64, 128),
+        block_n=(32, 64, 128, 256),
+        num_warps=(2, 4, 8),
+        num_stages=(1, 2, 3),
+        exp=("shift", "poly2"),
+        rescale=("split", "shift15"),
+        p_bits=(14,),
+        max_regs=(0, 168),
+        heads_per_program=(1, 2),
+    ),
     # A quick look (a few dozen configs per workload).
     "small": Grid(
         block_m=(64, 128),
@@ -306,6 +327,21 @@ class SearchSpace:
             base = base.replace(acc_bits=64)
         return base
 
+    def canonical(self, config: KernelConfig) -> KernelConfig:
+        """``config`` with the fields that cannot change its kernel at this N set to the space's
+        choice: a single pass (``block_n >= N``) never rescales, so its rescale becomes the
+        space's first (the same compiled kernel, the same bits)."""
+        if not cfgmod.single_pass(config, self.n):
+            return config
+        rescale, bits = parse_rescale(self.choices["rescale"][0])
+        if (config.rescale, config.rescale_bits) == (rescale, bits):
+            return config
+        return config.replace(rescale=rescale, rescale_bits=bits)
+
+    def equivalent(self, a: KernelConfig, b: KernelConfig) -> bool:
+        """True when ``a`` and ``b`` run the same kernel on this workload (see :meth:`canonical`)."""
+        return self.canonical(a) == self.canonical(b)
+
     def check(self, config: KernelConfig) -> str | None:
         """Why ``config`` is infeasible for this workload, or None if it is feasible."""
         if not cfgmod.fits(config, self.n, self.d):
@@ -343,6 +379,12 @@ class SearchSpace:
             "heads_per_program": config.heads_per_program,
             "acc_bits": config.acc_bits,
         }
+
+    def axis_values(self, config: KernelConfig) -> dict[str, Any] | None:
+        """``config`` as a value on every axis of this space (fixed axes included), or None when
+        the space cannot produce it."""
+        params = self.params_for(config)
+        return None if params is None else {**self.fixed, **params}
 
     def params_for(self, config: KernelConfig) -> dict[str, Any] | None:
         """The Optuna params that give ``config``, or None when the space cannot produce it."""
@@ -397,6 +439,11 @@ class SearchSpace:
     @functools.cached_property
     def hashes(self) -> frozenset[str]:
         return frozenset(self.hash_list)
+
+    @functools.cached_property
+    def kernel_hashes(self) -> frozenset[str]:
+        """``hash`` of the :meth:`canonical` form of every feasible config: one per distinct kernel."""
+        return frozenset(self.canonical(c).hash for c in self._feasible)
 
     def configs(self) -> list[KernelConfig]:
         """Every feasible config, in grid order (tiles outermost)."""

@@ -34,6 +34,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import random
+import re
 import socket
 import time
 import warnings
@@ -42,6 +43,8 @@ from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
+
+from qflash_gen.tune import journal
 
 ENV_STORAGE = "QFLASH_GEN_TUNE_STORAGE"
 JOURNAL_LOCK_GRACE_S = 10
@@ -72,10 +75,7 @@ def open_storage(spec: str | os.PathLike[str] | None = None) -> tuple[optuna.sto
         try:
             storage = _open_rdb(full)
         except Exception as exc:  # noqa: BLE001 - driver missing, bad URL, server down: all are usage errors
-            why = str(exc).replace(full, _redact(full)).replace(url, shown)
-            password = _password(url)
-            if password:
-                why = why.replace(password, "***")
+            why = _redact_urls(str(exc).replace(full, _redact(full)).replace(url, shown))
             raise ValueError(
                 f"--storage {shown}: cannot open it: {type(exc).__name__}: {why}{_hint(url, exc)}"
             ) from None
@@ -89,7 +89,11 @@ def open_storage(spec: str | os.PathLike[str] | None = None) -> tuple[optuna.sto
     # it would stall the others for Optuna's default 30 s grace before they break it.
     lock = optuna.storages.journal.JournalFileSymlinkLock(str(path), grace_period=JOURNAL_LOCK_GRACE_S)
     backend = optuna.storages.journal.JournalFileBackend(str(path), lock_obj=lock)
-    return optuna.storages.JournalStorage(backend), f"journal:{path}"
+    journal.repair_torn_tail(path, lock)  # a writer killed mid-append (issue 18, item 9)
+    try:
+        return optuna.storages.JournalStorage(backend), f"journal:{path}"
+    except ValueError as exc:  # json.JSONDecodeError too: a broken line inside the file
+        raise ValueError(journal.damage(path, exc)) from None
 
 
 # scheme -> (drivers SQLAlchemy may use for it, in its order of preference: (module, dialect+driver))
@@ -145,9 +149,13 @@ def _open_rdb(url: str) -> optuna.storages.RDBStorage:
     raise AssertionError("unreachable")
 
 
-def _password(url: str) -> str | None:
-    creds, at, _ = url.partition("://")[2].rpartition("@")
-    return creds.split(":", 1)[1] if at and ":" in creds else None
+_URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]*:)(?P<password>[^\s/]*)@")
+
+
+def _redact_urls(text: str) -> str:
+    """``text`` with the password field of every URL in it replaced by ``***`` (and nothing else:
+    a password that is also a word of the message leaves the word alone)."""
+    return _URL_PASSWORD.sub(lambda m: f"{m['head']}***@", text)
 
 
 def _redact(url: str) -> str:

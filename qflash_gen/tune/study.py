@@ -13,10 +13,14 @@ The loop is Optuna's ask/tell with rules of our own:
    lease (:mod:`.lease`): when another process is measuring it right now, the trial is told FAIL
    with ``claimed_by`` (the samplers ignore it).  After a few such proposals in a row, an
    unmeasured config nobody is measuring is enqueued so the study keeps moving.
-4. **A budget per slot.**  Each process takes a slot of the study (:mod:`.lease`) and measures
+4. **Structure first.**  With the default ``strategy="staged"`` (latency and energy), the warm
+   starts are followed by a climb along the grid's axes from the fastest config so far, tiling
+   first (:mod:`.staged`); the sampler proposes once that climb has measured every move around
+   its centre.  ``strategy="sampler"`` leaves everything after the warm starts to the sampler.
+5. **A budget per slot.**  Each process takes a slot of the study (:mod:`.lease`) and measures
    until ``budget`` distinct configs carry its slot.  Concurrent processes each spend their own
    budget, so the study gets their sum; slot k samples with seed ``seed + k``.
-5. **Resume.**  The study is ``load_if_exists``; all of the above is rebuilt from storage, so a
+6. **Resume.**  The study is ``load_if_exists``; all of the above is rebuilt from storage, so a
    rerun after a kill takes the dead process's slot and continues where it stopped, and its
    trials in flight (RUNNING, never finished) are marked failed.
 
@@ -36,9 +40,10 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from qflash_gen.config import KernelConfig
+from qflash_gen.config import KernelConfig, single_pass
 from qflash_gen.reference import SQNR_FLOOR_DB
 from qflash_gen.tune import lease as lease_mod
+from qflash_gen.tune import staged
 from qflash_gen.tune import storage as storage_mod
 from qflash_gen.tune.measure.base import Measurer, ShapeSpec
 from qflash_gen.tune.objective import AXIS_DIRECTION, OBJECTIVES, PARETO_AXES, Objective, is_pareto
@@ -70,6 +75,8 @@ class StudySettings:
         seed: sampler seed (slot k samples with ``seed + k``); None: unseeded.
         sampler: ``tpe``, ``random`` or ``nsga2``; None: ``nsga2`` for Pareto objectives, else ``tpe``.
         max_asks: a bound on trials asked (default ``20 * budget + 200``).
+        strategy: ``staged`` (default: the climb of :mod:`.staged` before the sampler) or
+            ``sampler`` (the sampler alone after the warm starts); Pareto objectives use the sampler.
     """
 
     budget: int
@@ -78,8 +85,11 @@ class StudySettings:
     seed: int | None = 0
     sampler: SamplerName | None = None
     max_asks: int | None = None
+    strategy: str = "staged"
 
     def __post_init__(self) -> None:
+        if self.strategy not in staged.STRATEGIES:
+            raise ValueError(f"--strategy {self.strategy!r} is unknown; choose one of {staged.STRATEGIES}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"--objective {self.objective!r} is unknown; choose one of {OBJECTIVES}")
         if self.budget < 1:
@@ -150,6 +160,7 @@ def run_study(
     max_asks: int | None = None,
     worker_info: Mapping[str, Any] | None = None,
     study_attrs: Mapping[str, Any] | None = None,
+    strategy: str = "staged",
 ) -> StudyResult:
     """Search ``space`` for ``shape`` until this process's slot has measured ``budget`` distinct
     configs (or the space is exhausted), in the study ``name`` on ``storage`` (created or
@@ -167,7 +178,7 @@ def run_study(
         study_attrs: study user attributes to set (how the measurements are taken, for an export
             of the DB entry by another process).
     """
-    settings = StudySettings(budget, objective, sqnr_floor, seed, sampler, max_asks)
+    settings = StudySettings(budget, objective, sqnr_floor, seed, sampler, max_asks, strategy)
     run = open_study(shape, space, storage=storage, name=name, settings=settings, worker_info=worker_info,
                      study_attrs=study_attrs)  # fmt: skip
     with run:
@@ -303,7 +314,7 @@ def _search(
 
     rng = random.Random(settings.seed if settings.seed is None else settings.seed + slot)
     owner = storage_mod.owner_tag()
-    space_hashes = space.hashes
+    kernels = space.kernel_hashes  # a single pass's rescale twins are one kernel (SearchSpace.canonical)
     new = 0
     duplicates_in_row = 0
     asks = 0
@@ -323,9 +334,21 @@ def _search(
             study_id=run.study_id,
         )
 
+    def measured_kernels() -> set[str]:
+        return {space.canonical(r.config).hash for r in measured.values()}
+
+    def twin_of(config: KernelConfig) -> TrialRecord | None:
+        """A measured config that runs the same kernel as ``config`` (a single pass's rescale twin)."""
+        if not single_pass(config, space.n):
+            return None  # only a single pass has twins
+        canon = space.canonical(config)
+        return next((r for r in measured.values() if space.canonical(r.config) == canon), None)
+
     def unstick() -> bool:
         """Enqueue an unmeasured config nobody is measuring; False if there is none left."""
-        left = [(c, h) for c, h in zip(space.configs(), space.hash_list, strict=True) if h not in measured]
+        done = measured_kernels()
+        configs = zip(space.configs(), space.hash_list, strict=True)
+        left = [(c, h) for c, h in configs if space.canonical(c).hash not in done]
         if left:
             busy = {info.key for info in leases.live(lease_mod.CONFIG)}
             left = [(c, h) for c, h in left if h not in busy]
@@ -336,10 +359,23 @@ def _search(
             study.enqueue_trial(params)
         return True
 
+    climb = staged.Climb(space, sqnr_floor, objective) if settings.strategy == "staged" else None
+    if is_pareto(objective):
+        climb = None
+
+    def taken(config: KernelConfig) -> bool:  # being measured by another process now
+        return lease_mod.holder_alive(leases.holder_of(lease_mod.CONFIG, config.hash))
+
     while tracker.count(slot) < budget and asks < settings.ask_limit:
-        if space_hashes <= measured.keys():
-            break  # every feasible config is measured: the search is exhaustive
+        if kernels <= measured_kernels():
+            break  # every feasible config (or its twin) is measured: the search is exhaustive
         asks += 1
+        if climb and not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            tracker.refresh(study)
+            records = sorted(measured.values(), key=lambda r: r.number)
+            step = climb.propose(records, taken=taken)
+            if step is not None:  # None: a local optimum of the axes, the sampler proposes
+                study.enqueue_trial(space.params_for(step))
         trial = study.ask(space.distributions)
         trial.set_user_attr("owner", owner)
         trial.set_user_attr("worker", slot)
@@ -351,7 +387,7 @@ def _search(
             continue
         config_hash = config.hash
         tracker.refresh(study)  # measurements by other processes on the same storage
-        prior = measured.get(config_hash)
+        prior = measured.get(config_hash) or twin_of(config)
         if prior is None:
             if not leases.acquire(lease_mod.CONFIG, config_hash, trial=trial.number):
                 # Another process is measuring it right now: skip it (FAIL: no sampler learns from it).
@@ -367,7 +403,7 @@ def _search(
                         break  # what is left is being measured by other processes
                 continue
             tracker.refresh(study)  # measured by someone who released the lease just before we took it?
-            prior = measured.get(config_hash)
+            prior = measured.get(config_hash) or twin_of(config)
             if prior is not None:
                 leases.release(lease_mod.CONFIG, config_hash)
         if prior is not None:

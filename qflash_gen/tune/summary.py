@@ -13,32 +13,32 @@ def fmt_us(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
 
 
-def summary_table(args: argparse.Namespace, gpu: str, source: Any, results: list, out: Any) -> None:
+def _ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def summary_table(
+    args: argparse.Namespace, gpu: str, source: Any, results: list, out: Any, verdicts: dict | None = None
+) -> None:
+    """One row per study: counts, the DB entry's config (the verdict's pick: the best measured,
+    or the runtime's current pick where nothing beats it) and, from the same records, how it
+    compares with the default config and with the current pick (> 1x: the entry is faster).
+    Below the table, one line per study says what the entry improves on."""
+    from rich.markup import escape
     from rich.table import Table
 
+    from qflash_gen.tune.incumbent import judge
+
+    verdicts = verdicts or {}
     table = Table(title=f"qflash-tune on {gpu} ({source}), SQNR floor {args.sqnr_floor:g} dB")
-    for col in (
-        "workload",
-        "batch",
-        "B,H,N,D",
-        "measured",
-        "this worker",
-        "failed",
-        "<floor",
-        "best config",
-        "us",
-        "+-",
-        "SQNR dB",
-        "vs default",
-    ):
-        table.add_column(col, justify="left" if col in ("workload", "best config") else "right")
-    for r, _ in results:
-        best = r.best
-        default_hash = default_config(r.shape.n, r.shape.d).hash
-        default = next((t for t in r.history if t.config.hash == default_hash and t.measurement.ok), None)
-        ratio = "-"
-        if best is not None and default is not None and best.latency_us:
-            ratio = f"{default.latency_us / best.latency_us:.2f}x"
+    cols = ("workload", "batch", "B,H,N,D", "measured", "this worker", "failed", "<floor", "pick", "us", "+-")
+    for col in (*cols, "SQNR dB", "vs default", "current pick", "vs current"):
+        table.add_column(col, justify="left" if col in ("workload", "pick", "current pick") else "right")
+    lines = []
+    for r, space in results:
+        v = verdicts.get(r.study_name) or judge(r, space, None, floor=args.sqnr_floor, objective=args.objective)
+        pick = v.pick
+        current = v.current_why or "-"
         table.add_row(
             r.shape.workload,
             str(r.shape.batch),
@@ -47,16 +47,22 @@ def summary_table(args: argparse.Namespace, gpu: str, source: Any, results: list
             "-" if r.slot is None else f"#{r.slot}: {r.n_mine}",
             str(r.n_failed),
             str(r.n_below_floor),
-            best.config.short() if best else "[red]none meets the floor[/]",
-            fmt_us(best.latency_us if best else None),
-            fmt_us(best.measurement.spread_us if best else None),
-            "-" if best is None else f"{best.sqnr_db:.1f}",
-            ratio,
+            escape(pick.config.short()) if pick else "[red]none meets the floor[/]",
+            fmt_us(pick.latency_us if pick else None),
+            fmt_us(pick.measurement.spread_us if pick else None),
+            "-" if pick is None or pick.sqnr_db is None else f"{pick.sqnr_db:.1f}",
+            _ratio(v.ratio(v.default)),
+            escape(current),
+            _ratio(v.ratio(v.current)),
         )
+        lines.append(f"{r.shape.label()}: " + ("--no-db, so not written; the entry would be: " if args.no_db else "") + v.note)
     out.print(table)
+    for line in lines:
+        out.print(escape(line))
     if objective.needs_energy(args.objective):
         for r, _ in results:
-            b = r.best
+            v = verdicts.get(r.study_name)
+            b = v.pick if v is not None else r.best
             if b is not None and b.energy_uj is not None:
                 m = b.measurement
                 default_hash = default_config(r.shape.n, r.shape.d).hash

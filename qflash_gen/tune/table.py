@@ -16,10 +16,14 @@ the idle power in W; see :mod:`qflash_gen.energy`); tables without them replay w
 ``spread_us`` / ``sqnr_db`` are empty where nothing was measured (a failed candidate, whose
 ``error`` says why).  The ``#`` lines record how the numbers were taken, so a table explains
 itself; readers skip them (``pandas.read_csv(comment="#")`` works).  A config absent from the
-table was not measured (outside the grid, or infeasible) and replays as a failed trial.
+table was not measured (outside the grid, or infeasible) and replays as a failed trial; a single
+pass (``block_n >= N``) runs no rescale, so a sweep records one of its rescale twins and
+:meth:`Table.lookup` answers for all of them.
 
 Writing is incremental (flush + fsync per row) so a crash loses at most the row being written;
-reopening a table resumes it (a torn last line is dropped) after checking the protocol matches.
+reopening a table for writing resumes it (a torn last line is dropped) after checking the
+protocol matches.  Reading one whose last row is torn is an error naming the file and line (a
+replay of a silently shortened table would look complete).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import csv
 import dataclasses
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -35,7 +40,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from qflash_gen.config import KernelConfig
+from qflash_gen.config import KernelConfig, single_pass
 from qflash_gen.tune.measure.base import Measurement, ShapeSpec
 
 COLUMNS: tuple[str, ...] = (
@@ -114,8 +119,11 @@ class Table:
         self.sha256 = sha256
         self.has_energy = has_energy  # recorded with the energy columns
         self._index: dict[tuple, Row] = {}
+        self._single: dict[tuple, Row] = {}  # single-pass rows by their config without rescale
         for row in rows:
             self._index[row.key()] = row  # a later row (re-measurement) wins
+            if single_pass(row.config, row.shape.n):
+                self._single[(row.gpu, *row.shape.match_key(), _without_rescale(row.config).hash)] = row
 
     @property
     def protocol(self) -> dict[str, Any]:
@@ -143,7 +151,11 @@ class Table:
         return list(seen.values())
 
     def lookup(self, gpu: str, shape: ShapeSpec, config: KernelConfig) -> Measurement | None:
+        """The recorded measurement of ``config`` on ``shape``; for a single pass (``block_n >= N``,
+        no rescale runs) the row of its rescale twin, which is the same kernel."""
         row = self._index.get((gpu, *shape.match_key(), config.hash))
+        if row is None and single_pass(config, shape.n):
+            row = self._single.get((gpu, *shape.match_key(), _without_rescale(config).hash))
         return None if row is None else row.measurement
 
     def rows_for(self, gpu: str, shape: ShapeSpec) -> list[Row]:
@@ -164,6 +176,10 @@ class Table:
         return len(self.rows)
 
 
+def _without_rescale(config: KernelConfig) -> KernelConfig:
+    return config.replace(rescale="split", rescale_bits=0)
+
+
 def _split_meta(lines: Iterable[str], path: Path) -> tuple[dict[str, Any], list[str]]:
     meta: dict[str, Any] = {}
     body: list[str] = []
@@ -182,23 +198,57 @@ def _split_meta(lines: Iterable[str], path: Path) -> tuple[dict[str, Any], list[
 
 
 def read_table(path: str | os.PathLike[str]) -> Table:
-    """Load a recorded table; ValueError naming the file and line on a malformed row."""
+    """Load a recorded table; ValueError naming the file (and line) for a path that is not a
+    file, a file that is not UTF-8 text, a last row cut short (no line end: a writer killed
+    mid-row, a copy cut off) and a malformed row."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"--simulate {path}: is a directory; give the table file (CSV) recorded by tools/sweep.py")
     if not path.is_file():
         raise ValueError(f"--simulate {path}: no such file")
-    raw = path.read_bytes()
-    text = raw.decode("utf-8")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"--simulate {path}: cannot read it: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"{path}: not a measurement table (CSV text): byte {raw[exc.start]:#04x} at offset {exc.start} "
+            "is not UTF-8"
+        ) from None
+    if "\0" in text:
+        raise ValueError(f"{path}: not a measurement table (CSV text): it holds NUL bytes (offset {text.index(chr(0))})")
     if text and not text.endswith("\n"):
-        text = text[: text.rfind("\n") + 1]  # a torn last row (writer killed mid-line) is dropped
+        line = text.count("\n") + 1
+        raise ValueError(
+            f"{path}:{line}: the last row is cut short (no line end after byte {len(raw)}: a sweep killed "
+            f"mid-row, or a copy cut off); rerun the sweep with --record {path} to drop it and resume, or "
+            "delete that line"
+        )
     meta, body = _split_meta(text.splitlines(keepends=True), path)
     reader = csv.DictReader(io.StringIO("".join(body)))
-    missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
+    try:
+        fieldnames = reader.fieldnames
+    except csv.Error as exc:
+        raise ValueError(f"{path}: not a measurement table: {exc}") from None
+    missing = [c for c in COLUMNS if c not in (fieldnames or [])]
     if missing:
         raise ValueError(f"{path}: not a qflash-gen measurement table; missing columns {missing}")
-    has_energy = "energy_uj" in (reader.fieldnames or [])
+    has_energy = "energy_uj" in (fieldnames or [])
     rows: list[Row] = []
-    for i, rec in enumerate(reader, start=2):
+    records = iter(reader)
+    for i in itertools.count(start=2):
         where = f"{path}: data row {i - 1}"
+        try:
+            rec = next(records)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        if None in rec or any(rec.get(c) is None for c in fieldnames):
+            got = sum(v is not None for k, v in rec.items() if k is not None) + len(rec.get(None) or ())
+            raise ValueError(f"{where}: {got} fields where the header has {len(fieldnames)} columns")
         try:
             config = KernelConfig.from_dict(json.loads(rec["config"]))
             shape = ShapeSpec(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import yaml
 from qflash_gen import db
 from qflash_gen.codegen import atomic_write
 from qflash_gen.config import KernelConfig
+from qflash_gen.reference import SQNR_FLOOR_DB
 from qflash_gen.tune import db_turn, objective
 from qflash_gen.tune.measure.base import ShapeSpec
 from qflash_gen.tune.plan import db_file
@@ -119,8 +121,13 @@ def measured_on_device(best: Any, environment: dict) -> str | None:
     return str(name) if name else None
 
 
-def best_result(args: argparse.Namespace, r: Any, space: Any, dtype: str, record: dict, storage_desc: str):
-    m = r.best.measurement
+def best_result(
+    args: argparse.Namespace, r: Any, space: Any, dtype: str, record: dict, storage_desc: str, verdict: Any = None
+):
+    """The DB entry of a study: its pick (``verdict.pick``: the best measured, or the runtime's
+    current pick where nothing measured beats it), with the evidence."""
+    pick = r.best if verdict is None else verdict.pick
+    m = pick.measurement
     provenance = dict(record.get("provenance") or {})
     environment = dict(provenance.get("environment") or {})
     protocol = {
@@ -137,15 +144,26 @@ def best_result(args: argparse.Namespace, r: Any, space: Any, dtype: str, record
             "space_size": r.space_size,
             "measured": r.n_measured,
             "workers": {str(k): v for k, v in r.by_slot.items()},
-            "measured_by": dict(r.best.measured_by or {}),
+            "measured_by": dict(pick.measured_by or {}),
             "tie_rule": ("least energy" if args.objective == "energy" else "fastest")
-            + " feasible; a simpler config within max(1%, mean spread), <= 2%, wins",
+            + " feasible; a simpler config within max(1%, mean spread), <= 2%, wins; never slower than "
+            "the runtime's current pick measured in the study",
         },
     }
+    if verdict is not None:
+        protocol["tuner"]["improves_on"] = verdict.note
+        if verdict.current is not None:
+            cur = verdict.current
+            protocol["tuner"]["current_pick"] = {
+                "config": cur.config.to_dict(),
+                "latency_us": cur.latency_us,
+                "sqnr_db": cur.sqnr_db,
+                "error": cur.measurement.error,
+            }
     return BestResult(
         shape=r.shape,
         dtype=dtype,
-        config=r.best.config,
+        config=pick.config,
         latency_us=m.latency_us,
         spread_us=m.spread_us or 0.0,
         sqnr_db=m.sqnr_db,
@@ -153,9 +171,81 @@ def best_result(args: argparse.Namespace, r: Any, space: Any, dtype: str, record
         protocol=protocol,
         environment=environment,
         space_hash=space.hash,
-        measured_on_device=measured_on_device(r.best, environment),
+        measured_on_device=measured_on_device(pick, environment),
         energy_uj=m.energy_uj,
     )
+
+
+@dataclasses.dataclass
+class Written:
+    """What :func:`write_winners` did: the DB report (None: nothing written), Pareto fronts,
+    notes for the summary, the results as stored now, each study's verdict (by study name), and
+    ``error``: why the DB could not be written (the trials are safe in the study storage)."""
+
+    report: Any
+    fronts: list
+    notes: list[str]
+    results: list
+    verdicts: dict[str, Any]
+    error: str | None = None
+
+
+def verdicts_for(args: argparse.Namespace, results: list, currents: Mapping[str, Any]) -> dict[str, Any]:
+    """Each study's :class:`~.incumbent.Verdict` from its records (``currents``: study name ->
+    the runtime's current pick, :class:`~.incumbent.CurrentPick` or None)."""
+    from qflash_gen.tune.incumbent import judge
+
+    return {
+        r.study_name: judge(r, space, currents.get(r.study_name), floor=args.sqnr_floor, objective=args.objective)
+        for r, space in results
+    }
+
+
+def check_writable(args: argparse.Namespace, gpu: str) -> None:
+    """Before any measuring: can this run write its DB file?  A ``UsageError`` naming ``--db`` if
+    not (a run that tunes for minutes and then cannot write helps nobody)."""
+    from qflash_gen.tune.setup import UsageError
+
+    try:
+        path = db_file(args.db, gpu)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    where = f"--db {args.db}" if args.db else f"the user DB {path.parent} (${db.ENV_DB_DIR} or --db to change it)"
+    if path.parent.exists() and not path.parent.is_dir():
+        raise UsageError(f"{where}: {path.parent} is a file, not the directory that holds {path.name}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UsageError(
+            f"{where}: cannot write {path}: {exc.strerror or exc}; give a writable --db DIR, or --no-db to tune "
+            "without writing (then --export writes it later)"
+        ) from None
+
+
+def export_hint(args: argparse.Namespace, gpu: str, storage_desc: str) -> str:
+    """The ``qflash-tune --export`` command that writes this run's DB later, measuring nothing."""
+    import shlex
+
+    storage = storage_desc.removeprefix("journal:")
+    parts = ["qflash-tune", "--export", "--storage", storage]
+    parts += ["--simulate", str(args.simulate)] if args.simulate else ["--gpu", gpu]
+    parts += ["--workloads", args.workloads, "--batches", args.batches]
+    for flag, attr, default in (
+        ("--study", "study", "qflash"),
+        ("--grid", "grid", None),
+        ("--p-bits", "p_bits", None),
+        ("--max-regs", "max_regs", None),
+        ("--dtype", "dtype", None),
+        ("--objective", "objective", "latency"),
+        ("--sqnr-floor", "sqnr_floor", SQNR_FLOOR_DB),
+    ):
+        value = getattr(args, attr, None)
+        if value is not None and value != default:
+            parts += [flag, str(value)]
+    return " ".join(shlex.quote(p) for p in parts) + " --db DIR"
 
 
 def write_winners(
@@ -168,14 +258,18 @@ def write_winners(
     storage_desc: str,
     err: Any,
     *,
+    currents: Mapping[str, Any] | None = None,
     force: bool = False,
-) -> tuple[Any, list, list[str], list]:
-    """Write the winners this process has the turn for (:func:`study.claim_db_write`).
+) -> Written:
+    """Write the winners this process has the turn for (:func:`study.claim_db_write`), each only
+    where it beats the runtime's current pick (``currents``, :func:`.incumbent.judge`).
 
-    Returns ``(report, fronts, notes, results)`` with the results refreshed from storage where
-    this process wrote them (they then hold every slot's trials)."""
-    from rich.markup import escape
+    The results come back refreshed from storage where this process wrote them (they then hold
+    every slot's trials); the verdicts are judged on those same records.  A DB that cannot be
+    written (a corrupt file, no permission, a full disk) ends the turns unwritten and says why
+    in ``error``: every trial stays in the study storage."""
 
+    currents = currents or {}
     turns, notes, fresh = [], [], []
     for r, space in results:
         if r.best is None:
@@ -192,13 +286,14 @@ def write_winners(
         # the study as stored now (every slot's trials), with this process's own counts kept
         fresh.append((dataclasses.replace(turn.result, slot=r.slot, new_measurements=r.new_measurements), space))
     report, fronts = None, []
+    verdicts = verdicts_for(args, fresh, currents)
     if not turns:
-        return report, fronts, notes, fresh
-    best = [
-        best_result(args, t.result, space, dtype, records[t.result.study_name], storage_desc)
-        for t, space in turns
-        if t.result.best is not None
-    ]
+        return Written(report, fronts, notes, fresh, verdicts)
+    best = []
+    for t, space in turns:
+        v = verdicts[t.result.study_name]
+        if v.pick is not None and v.write:
+            best.append(best_result(args, t.result, space, dtype, records[t.result.study_name], storage_desc, v))
     try:
         report = write_best(args.db, gpu, best) if best else None
         if report is not None and report.kept and args.objective == "energy":
@@ -220,13 +315,16 @@ def write_winners(
                 ]
                 if front:
                     fronts.append(write_front(args.db, gpu, t.result.shape, dtype, front))
-    except ValueError as exc:  # includes db.DBError: a corrupt or foreign DB file (file:line)
+    except (ValueError, OSError) as exc:  # db.DBError (a corrupt or foreign file: file:line), permissions, disk
         for t, _ in turns:
             t.cancel()
-        err.print(
-            f"[red]{escape(f'qflash-tune: DB not written: {exc}')}[/] (the studies keep every trial; rerun to retry)"
+        why = f"{type(exc).__name__}: {exc}" if isinstance(exc, OSError) else str(exc)
+        error = (
+            f"DB {db_file(args.db, gpu)} not written: {why}. Every measured trial is kept in the study storage "
+            f"{storage_desc}; rerun to retry, or write the DB later without measuring: "
+            f"{export_hint(args, gpu, storage_desc)}"
         )
-        return None, [], notes, fresh
+        return Written(None, [], notes, fresh, verdicts, error)  # the caller prints it after the summary
     for t, _ in turns:
         t.done(db=str(report.path) if report is not None else None, device=args.device_label)
-    return report, fronts, notes, fresh
+    return Written(report, fronts, notes, fresh, verdicts)
