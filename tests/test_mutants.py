@@ -1,5 +1,6 @@
 """The suite's power, guarded: small bugs planted in copies of the kernel, the oracle and the
-quantizers must each be caught (the mutant is "killed") by comparing against the unmutated other side.
+quantizers must each be caught (the mutant is "killed"): a copy's output must differ from the
+unmutated other side's.
 
 Each mutant is one text substitution, asserted to apply exactly as often as stated: a later edit
 that removes its pattern fails here loudly instead of passing vacuously.  It is applied to a copy:
@@ -15,9 +16,11 @@ that removes its pattern fails here loudly instead of passing vacuously.  It is 
   quantization of a mutated ``quant`` with the unmutated fused quantizer.
 
 One small, deterministic case per mutant (int8 inputs over the whole range with extreme rows,
-per-(batch, head) scales, a float bias with masked keys and a fully masked row, float inputs
-beyond the static scales' range, inputs with a shared k component or of subnormal size).  Before
-a mutant is judged, the unmutated pair must agree on its case: a kill is the mutation's doing.
+per-(batch, head) scales, a float bias per window with masked keys, a fully masked row, NaN and
+huge values, float inputs beyond the static scales' range, float inputs with a shared k
+component, of subnormal size or with NaN / Inf).  Before a mutant is judged, the unmutated pair
+must agree on its case: a kill is the mutation's doing.  Run on one small case each, the list
+takes seconds; a mutant that survives means a test lost its power (or a new equivalent rewrite).
 """
 
 from __future__ import annotations
@@ -146,6 +149,38 @@ MUTANTS = [
         "plain",
         torch.float16,
     ),
+    K(
+        "masked keys score NEG, not DEAD",
+        "s = tl.where(b > MASKED, s + b, DEAD)",
+        "s = tl.where(b > MASKED, s + b, NEG)",
+        SPLIT14,
+        "bias",
+    ),
+    K("bias NaN not zeroed", "x = tl.where(x == x, x, 0.0)", "x = x", SPLIT14, "bias"),
+    K("bias clamp dropped", "x = tl.minimum(tl.maximum(x, -268435456.0), 268435456.0)", "x = x", SPLIT14, "bias"),
+    K("masked rows divide by l = 0", "has_l = l_i > 0", "has_l = l_i >= 0", SPLIT14, "bias", torch.float16),
+    K(
+        "float output reciprocal then multiply",
+        "inv_l = tl.math.div_rn(tl.full([BM], 1.0, tl.float32) * OUT_MUL, tl.where(has_l, l_i, 1).to(tl.float32))",
+        "inv_l = tl.math.div_rn(tl.full([BM], 1.0, tl.float32), tl.where(has_l, l_i, 1).to(tl.float32)) * OUT_MUL",
+        SPLIT14,
+        "plain",
+        torch.float32,
+    ),
+    K("float inputs NaN kept", "y = tl.where(y == y, y, 0.0)", "y = y", INLOAD, "float"),
+    K(
+        "float inputs truncated",
+        "r = (y + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000",
+        "r = y.to(tl.int32)",
+        INLOAD,
+        "float",
+    ),
+    K(
+        "online P.V high half weight 2**6",
+        "pv = tl.dot((p >> 7).to(tl.int8), v, out_dtype=tl.int32) * 128",
+        "pv = tl.dot((p >> 7).to(tl.int8), v, out_dtype=tl.int32) * 64",
+        SPLIT14,
+    ),
     # -- the oracle (qflash_gen/reference.py, qflash_gen/quant.py) ---------------------------------
     Mutant(
         "oracle requant rounding constant",
@@ -188,6 +223,30 @@ MUTANTS = [
         "bias",
     ),
     Mutant("oracle R = floor(1/S)", "quant", "torch.floor(inv + 0.5)", "torch.floor(inv)", ONLINE7),
+    Mutant(
+        "oracle bias -inf not masked",
+        "quant",
+        "return torch.where(neg_inf, torch.full_like(out, MASKED_BIAS), out)",
+        "return out",
+        SPLIT14,
+        "bias",
+    ),
+    Mutant(
+        "oracle lut table truncated",
+        "reference",
+        "vals = [round(Q15 * 2.0 ** (-i / n)) for i in range(2 * n)]",
+        "vals = [int(Q15 * 2.0 ** (-i / n)) for i in range(2 * n)]",
+        LUT,
+    ),
+    Mutant(
+        "oracle float output reciprocal then multiply",
+        "reference",
+        "inv_l = out_mul / torch.where(has_l, l_, 1).to(torch.float32)",
+        "inv_l = out_mul * (1.0 / torch.where(has_l, l_, 1).to(torch.float32))",
+        SPLIT14,
+        "plain",
+        torch.float32,
+    ),
     # -- the fused quantizer (qflash_gen/quant_kernels.py) and its torch oracle (quant.py) ---------
     Mutant(
         "quantizer smoothing mean over N + 1",
@@ -211,6 +270,20 @@ MUTANTS = [
         case="shared_k",
     ),
     Mutant(
+        "quantizer scale counts Inf and NaN",
+        "quant_kernels",
+        "tl.where(ok & (a <= 3.4028234663852886e38), a, 0.0)",
+        "tl.where(ok, a, 0.0)",
+        case="specials",
+    ),
+    Mutant(
+        "torch quantizer scale counts Inf and NaN",
+        "quant",
+        "finite = torch.where(torch.isfinite(x), x.abs(), torch.zeros((), dtype=x.dtype, device=x.device))",
+        "finite = x.abs()",
+        case="specials",
+    ),
+    Mutant(
         "torch quantizer smoothing mean over N + 1",
         "quant",
         "/ torch.full((), float(n), device=k.device)",
@@ -227,7 +300,7 @@ SOURCES = {
     "quant": ROOT / "qflash_gen" / "quant.py",
     "quant_kernels": ROOT / "qflash_gen" / "quant_kernels.py",
 }
-QUANTIZER_CASES = ("shared_k", "subnormal")
+QUANTIZER_CASES = ("shared_k", "subnormal", "specials")
 
 
 # -- the cases -------------------------------------------------------------------------------------
@@ -255,6 +328,8 @@ def _case(name: str) -> Case:
         bias = torch.randn((2, 2, N, N), generator=g) * 2.0
         bias[torch.rand((2, 1, N, N), generator=g).expand(2, 2, N, N) < 0.3] = float("-inf")
         bias[1, :, 5, :] = float("-inf")
+        # NaN -> 0 and the clamps at +-2**28, on the flat row 2 (every key weighs there) and row 3
+        bias[0, 0, 2, 9], bias[0, 1, 2, 2], bias[1, 1, 3, 4] = float("nan"), -1e12, 1e12
         return Case(q, k, v, pairs(4, 2, 0.01, 0.05), bias.to(dev))
     if name == "float":  # float inputs beyond 127 * s, NaN and Inf, static per-head scales
         q, k, v = (torch.randn((2, 2, N, D), generator=g) * 3.0 for _ in range(3))
@@ -266,6 +341,10 @@ def _case(name: str) -> Case:
     q, k, v = (torch.rand(shape, generator=g) * 8 - 4 for _ in range(3))
     if name == "shared_k":
         k = k + torch.randn(D, generator=g) * 40
+    elif name == "specials":  # NaN -> 0, +-Inf -> +-127 of a scale from the finite values
+        q.view(-1)[[0, 5, 999]] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+        k.view(-1)[77] = float("inf")
+        v.view(-1)[7] = float("nan")
     else:  # subnormal: max/127 would be a subnormal scale, its reciprocal inf
         assert name == "subnormal"
         q, k, v = (t * 1e-39 for t in (q, k, v))
@@ -349,8 +428,11 @@ def _differs(got: list[torch.Tensor], want: list[torch.Tensor]) -> bool:
     return False
 
 
+# numpy's warnings where a mutant divides by zero or overflows (in the interpreter)
 @pytest.mark.filterwarnings(
-    "ignore:overflow encountered:RuntimeWarning", "ignore:invalid value encountered:RuntimeWarning"
+    "ignore:overflow encountered:RuntimeWarning",
+    "ignore:invalid value encountered:RuntimeWarning",
+    "ignore:divide by zero encountered:RuntimeWarning",
 )
 @pytest.mark.parametrize("mutant", MUTANTS, ids=[m.name.replace(" ", "_") for m in MUTANTS])
 def test_mutant_is_killed(mutant, tmp_path, monkeypatch):
