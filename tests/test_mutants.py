@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import re
 import sys
 from pathlib import Path
 
@@ -434,7 +435,7 @@ def _differs(got: list[torch.Tensor], want: list[torch.Tensor]) -> bool:
     "ignore:invalid value encountered:RuntimeWarning",
     "ignore:divide by zero encountered:RuntimeWarning",
 )
-@pytest.mark.parametrize("mutant", MUTANTS, ids=[m.name.replace(" ", "_") for m in MUTANTS])
+@pytest.mark.parametrize("mutant", MUTANTS, ids=[re.sub(r"[^\w.+-]+", "_", m.name).strip("_") for m in MUTANTS])
 def test_mutant_is_killed(mutant, tmp_path, monkeypatch):
     if mutant.target == "kernel":
         want = _kernel_output(mutant.cfg, mutant.case, mutant.out_dtype)  # == the oracle
