@@ -16,10 +16,37 @@ def kernel_device() -> str:
     return "cuda" if torch.cuda.is_available() and not interp else "cpu"
 
 
-def int8_problem(b, h, n, d, *, seed=0, device="cpu", lo=-127, hi=127):
+def int8_problem(b, h, n, d, *, seed=0, device="cpu", lo=-128, hi=127, extremes=False):
+    """Random int8 (B, H, N, D) q, k, v in [lo, hi] (the whole int8 range by default: -128 is a
+    legal int8 input); ``extremes``: with ``plant_extremes``' rows on top."""
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randint(lo, hi + 1, (b, h, n, d), generator=g, dtype=torch.int8) for _ in range(3))
+    if extremes:
+        plant_extremes(q, k, v)
     return q.to(device), k.to(device), v.to(device)
+
+
+def plant_extremes(q, k, v):
+    """Rows at the int8 extremes, in place on int8 (B, H, N, D) q, k, v (as far as N allows):
+
+    * query 0 and key 0 all -128: the largest score there is, 2**14 * D, far above the row's
+      others (a sharply peaked row: one key takes the whole weight);
+    * query 1 all 127 against keys 1..3 all 127: three keys tied at 127**2 * D, the rest far
+      below (a saturating row: ties at the top, the others' weights flushed to 0);
+    * query 2 all 0: every score 0 (a flat row: p = P_MAX on every key, l and |acc| at their
+      worst case);
+    * value channels 0 and 1 all -128 and all 127: outputs at both ends of the int8 range (the
+      peaked and flat rows give exactly -128 and 127 there)."""
+    n = q.shape[2]
+    q[..., 0, :] = -128
+    k[..., 0, :] = -128
+    if n > 1:
+        q[..., 1, :] = 127
+        k[..., 1:4, :] = 127
+    if n > 2:
+        q[..., 2, :] = 0
+    v[..., 0] = -128
+    v[..., 1] = 127
 
 
 def swin_like_bias(b, h, n, *, seed=0, device="cpu", mask_frac=0.3, masked_row=True):

@@ -9,7 +9,7 @@ import torch
 from helpers import assert_bit_equal, int8_problem, run_both
 
 import qflash_gen
-from qflash_gen import DEFAULT_CONFIG, KernelConfig, attention, attention_int8
+from qflash_gen import DEFAULT_CONFIG, KernelConfig, attention, attention_int8, quant_kernels
 from qflash_gen.reference import float_attention, sqnr_db
 
 pytestmark = pytest.mark.gpu
@@ -59,9 +59,19 @@ def test_fully_masked_rows_give_zeros(device):
 
 
 def test_all_zero_inputs_give_zeros(device):
+    """All-zero tensors: scale 1 (no division by zero), zeros out, the oracle's bits; zero q and
+    k with a nonzero v (every score 0: uniform weights) give v's mean, not zeros."""
     z = torch.zeros(1, 2, 17, 64, device=device)
     out = attention(z, z, z)
-    assert bool((out == 0).all())
+    assert_bit_equal(out, attention(z, z, z, backend="reference"))
+    assert bool((out == 0).all()) and bool(torch.isfinite(out).all())
+    *_, params = quant_kernels.quantize_heads(z, z, z)
+    assert bool((params.scales[..., :3] == 1).all())
+    v = _uniform(z.shape, 7, device)
+    out = attention(z, z, v)
+    assert_bit_equal(out, attention(z, z, v, backend="reference"))
+    assert bool((out != 0).any())
+    assert sqnr_db(out, float_attention(z, z, v)) >= 30.0  # the mean of v over the keys
 
 
 def test_int8_extremes_at_largest_int32_n(device):
@@ -84,16 +94,26 @@ def test_int8_extremes_at_largest_int32_n(device):
         run_both(*int8_problem(1, 1, n + 1, 64, device=device), (0.02, 0.02, 0.02), cfg)
 
 
-def test_non_finite_inputs():
-    q = _uniform((1, 2, 17, 32), 0, "cpu")
-    k, v = q.clone(), q.clone()
+def test_non_finite_inputs(device):
+    q = _uniform((1, 2, 17, 32), 0, device)
+    k, v = q.clone(), _uniform((1, 2, 17, 32), 1, device)
     q[0, 0, 0, 0] = float("nan")
     k[0, 1, 2, 3] = float("inf")
+    k[0, 1, 4, 5] = -float("inf")
+    v[0, 0, 6, 7] = float("nan")
     with pytest.raises(ValueError, match="q contains NaN or Inf"):
         attention(q, k, v, check_finite=True)
-    # Without the (syncing) check: documented behaviour, NaN -> 0, Inf -> +-127, finite output.
-    out = attention(q, k, v, backend="reference")
-    assert bool(torch.isfinite(out).all())
+    # Without the (syncing) check: documented behaviour, NaN -> 0, Inf -> +-127 of a scale taken
+    # from the finite values, finite output; the kernel gives the oracle's bits.
+    out = attention(q, k, v)
+    assert_bit_equal(out, attention(q, k, v, backend="reference"))
+    assert bool(torch.isfinite(out).all()) and bool((out != 0).any())
+    q8, k8, v8, params = quant_kernels.quantize_heads(q, k, v)
+    assert int(q8[0, 0, 0, 0]) == 0 and int(v8[0, 0, 6, 7]) == 0
+    assert int(k8[0, 1, 2, 3]) == 127 and int(k8[0, 1, 4, 5]) == -127
+    finite = q[0, 0].nan_to_num(0.0).abs().amax() / torch.tensor(127.0, device=device)
+    assert float(params.scales[0, 0, 0]) == float(finite)  # the NaN is left out of q's scale
+    assert bool(torch.isfinite(params.scales).all())
 
 
 def test_empty_inputs_launch_nothing():

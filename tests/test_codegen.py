@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import itertools
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -104,3 +105,40 @@ def test_templates_ship_in_a_non_editable_install(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().startswith(str(target))
+
+
+def test_templates_load_from_beside_the_imported_package(tmp_path):
+    """An edited copy of the repository on PYTHONPATH renders its own templates, not those of the
+    editable install's checkout (whose finder still maps ``qflash_gen.templates`` there); a copy
+    with no templates beside it is a clear error, not a silent render of another copy's."""
+    root = Path(__file__).resolve().parents[1]
+    ignore = shutil.ignore_patterns("__pycache__")
+    copy = tmp_path / "copy"
+    shutil.copytree(root / "qflash_gen", copy / "qflash_gen", ignore=ignore)
+    shutil.copytree(root / "templates", copy / "templates", ignore=ignore)
+    fwd = copy / "templates" / codegen.TEMPLATE_NAME
+    text = fwd.read_text()
+    anchor = "import triton.language as tl\n"
+    assert text.count(anchor) == 1
+    fwd.write_text(text.replace(anchor, anchor + "# EDITED-COPY-MARKER\n"))
+    code = textwrap.dedent(
+        """
+        import qflash_gen, qflash_gen.codegen as c
+        print(qflash_gen.__file__)
+        print(c.template_dir())
+        print("EDITED-COPY-MARKER" in c.render(qflash_gen.KernelConfig()))
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(copy)}
+
+    def run():
+        return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+
+    out = run()
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(copy / "qflash_gen" / "__init__.py"), str(copy / "templates"), "True"]
+    shutil.rmtree(copy / "templates")
+    out = run()
+    assert out.returncode != 0
+    assert "TemplateLocationError" in out.stderr and "no qflash_fwd.py.jinja sits beside it" in out.stderr
+    assert str(copy / "qflash_gen") in out.stderr

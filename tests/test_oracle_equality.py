@@ -1,8 +1,11 @@
 """Kernel == integer oracle, element for element, for every variant of the template.
 
 The matrix: exp variant x rescale x accumulator width x P width (7, 14 bits) x {online,
-single-pass} x {unmasked, bias+mask}, each on odd shapes (N in 1, 17, 49, 197; D in 32, 64; B*H > 1).  Runs
-through the interpreter on CPU and compiled on a GPU (same test, `device` fixture).
+single-pass} x {unmasked, bias+mask}, each on odd shapes (N in 1, 17, 33, 40, 49, 197; D in 32,
+64, 128; B*H > 1).  The inputs span the whole int8 range (-128 included) with planted extreme rows
+(`helpers.plant_extremes`: a sharply peaked row, a saturating row of tied maxima, a flat row at
+the accumulators' worst case, value channels of all -128 and all 127).  Runs through the
+interpreter on CPU and compiled on a GPU (same test, `device` fixture).
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ P_BITS = [7, 14]
 # (mode, [(N, D, block_m, block_n)]): online needs block_n < N; single-pass block_n >= N.
 # The 16-row tail tile of a partial query block (both bodies): tests/test_heads_per_program.py.
 SHAPES = {
-    "online": [(49, 32, 32, 32), (197, 64, 128, 64)],
-    "single": [(1, 64, 16, 32), (17, 32, 32, 32), (49, 64, 64, 64), (197, 32, 128, 256)],
+    "online": [(49, 32, 32, 32), (197, 64, 128, 64), (40, 128, 32, 32)],
+    "single": [(1, 64, 16, 32), (17, 32, 32, 32), (49, 64, 64, 64), (197, 32, 128, 256), (33, 128, 32, 64)],
 }
 MATRIX = [
     (exp, rs, acc, pb, mode, masked)
@@ -56,7 +59,7 @@ def test_kernel_equals_oracle(case, device):
             acc_bits=acc, p_bits=p_bits,
         )  # fmt: skip
         b, h = (1, 2) if i % 2 == 0 else (2, 1)
-        q8, k8, v8 = int8_problem(b, h, n, d, seed=n * 7 + d + acc, device=device)
+        q8, k8, v8 = int8_problem(b, h, n, d, seed=n * 7 + d + acc, device=device, extremes=True)
         scales = (0.03 + 0.01 * i, 0.025, 0.04)
         bias = mask = None
         if masked:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import assert_bit_equal, int8_problem
 
 from qflash_gen import checks, codegen, kernel, launch, ops, quant, reference
 from qflash_gen.config import DEFAULT_CONFIG, KernelConfig
@@ -39,11 +40,8 @@ def _oracle(q, k, v, scales, cfg, *, bias=None, out_dtype):
 
 
 def _equal(got, want):
-    assert got.dtype == want.dtype and got.shape == want.shape
-    assert torch.equal(
-        got.view(torch.uint8) if got.dtype == torch.int8 else got.float(),
-        want.view(torch.uint8) if want.dtype == torch.int8 else want.float(),
-    ), (got.float() - want.float()).abs().max()
+    """Bit for bit (a float compare would take -0.0 for 0.0 and fail on equal NaNs)."""
+    assert_bit_equal(got, want)
 
 
 @pytest.mark.parametrize(
@@ -120,8 +118,6 @@ def test_rendered_source_explains_the_float_input_path():
 )
 @pytest.mark.parametrize("n", [49, 197])
 def test_key_major_v_equals_the_oracle(device, cfg, n):
-    from helpers import int8_problem
-
     q8, k8, v8 = int8_problem(2, 2, n, 64, seed=n, device=device)
     vk = quant.key_major(v8)
     assert torch.equal(vk, v8) and vk.stride(2) == 1 and launch.v_keys(vk) == quant.padded_keys(n)

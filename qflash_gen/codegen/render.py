@@ -28,17 +28,43 @@ KERNEL_NAME = "_qflash_fwd"
 SINGLE_PASS_GRAIN = 32  # single pass: keys are rounded up to this many (an int8 MMA needs K >= 32)
 
 
+class TemplateLocationError(RuntimeError):
+    """The templates beside the imported ``qflash_gen`` cannot be found."""
+
+
+def _beside_package() -> tuple[Path, Path]:
+    """The two places templates sit beside the imported package: ``qflash_gen/templates`` (an
+    installed wheel: the ``qflash_gen.templates`` resource package) and ``<repo>/templates``
+    (a checkout, editable install or plain copy on sys.path)."""
+    package = Path(__file__).resolve().parents[1]
+    return package / "templates", package.parent / "templates"
+
+
 @functools.lru_cache(maxsize=1)
 def template_dir() -> importlib.resources.abc.Traversable:
-    """Where the templates are read from.  Installed: the ``qflash_gen.templates`` resource
-    package (pyproject maps templates/ there).  A plain checkout on sys.path: ``<repo>/templates``."""
+    """Where the templates are read from: beside the imported ``qflash_gen``, never elsewhere.
+
+    Installed: the ``qflash_gen.templates`` resource package (pyproject maps templates/ there).
+    A checkout: ``<repo>/templates``.  The resource package alone is not trusted: with an edited
+    copy of the repository on PYTHONPATH, ``qflash_gen`` comes from the copy while an editable
+    install's finder still maps ``qflash_gen.templates`` to *its* checkout, whose templates would
+    render silently.  A copy without templates beside it is a :class:`TemplateLocationError`."""
+    beside = _beside_package()
+    for folder in beside:
+        if (folder / TEMPLATE_NAME).is_file():
+            return folder
     try:
-        return importlib.resources.files("qflash_gen.templates")
+        resource = importlib.resources.files("qflash_gen.templates")
     except ModuleNotFoundError:
-        checkout = Path(__file__).resolve().parents[2] / "templates"
-        if (checkout / TEMPLATE_NAME).is_file():
-            return checkout
-        raise
+        resource = None
+    if resource is not None and not isinstance(resource, Path) and (resource / TEMPLATE_NAME).is_file():
+        return resource  # a zip import: the package and its resources come from one archive
+    elsewhere = f"; qflash_gen.templates resolves to {resource}, another copy's" if resource is not None else ""
+    raise TemplateLocationError(
+        f"qflash_gen is imported from {beside[0].parent} but no {TEMPLATE_NAME} sits beside it "
+        f"(looked in {beside[0]} and {beside[1]}){elsewhere}: refusing to render templates that are "
+        "not this package's.  Put templates/ next to the qflash_gen/ you import, or install that copy."
+    )
 
 
 def _load_template_source(name: str) -> tuple[str, str, None]:
