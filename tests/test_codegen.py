@@ -142,3 +142,18 @@ def test_templates_load_from_beside_the_imported_package(tmp_path):
     assert out.returncode != 0
     assert "TemplateLocationError" in out.stderr and "no qflash_fwd.py.jinja sits beside it" in out.stderr
     assert str(copy / "qflash_gen") in out.stderr
+
+
+def test_the_shipped_db_is_read_from_beside_the_imported_package(tmp_path):
+    """As for the templates: an edited copy on PYTHONPATH reads its own tuning_db/, not the
+    editable install's."""
+    root = Path(__file__).resolve().parents[1]
+    ignore = shutil.ignore_patterns("__pycache__")
+    copy = tmp_path / "copy"
+    shutil.copytree(root / "qflash_gen", copy / "qflash_gen", ignore=ignore)
+    (copy / "tuning_db").mkdir()
+    code = "import qflash_gen.db.store as s; print(s.shipped_db_dir())"
+    env = {**os.environ, "PYTHONPATH": str(copy)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(copy / "tuning_db")

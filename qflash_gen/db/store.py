@@ -31,16 +31,22 @@ _told: set[tuple[Path, str]] = set()
 # -- locations and the layered DB ----------------------------------------------------------------
 @functools.lru_cache(maxsize=1)
 def shipped_db_dir() -> Path:
-    """The read-only DB shipped with the package: resource package ``qflash_gen.tuning_db``,
-    else ``<repo>/tuning_db`` when running from a checkout that does not map it."""
+    """The read-only DB shipped with the package, beside the imported ``qflash_gen``: its
+    ``tuning_db`` folder in a wheel (the ``qflash_gen.tuning_db`` resource package), or
+    ``<repo>/tuning_db`` in a checkout.  The resource package is not trusted on its own: with an
+    edited copy of the repository on PYTHONPATH, an editable install's finder would still map it
+    to *its* checkout (as for the templates, codegen.render.template_dir)."""
+    package = Path(__file__).resolve().parents[1]  # the imported qflash_gen/
+    for folder in (package / "tuning_db", package.parent / "tuning_db"):
+        if folder.is_dir():
+            return folder
     try:
-        res = importlib.resources.files("qflash_gen.tuning_db")
-        candidate = Path(str(res))
-        if candidate.is_dir():
+        candidate = Path(str(importlib.resources.files("qflash_gen.tuning_db")))
+        if candidate.is_dir() and candidate.parent in (package, package.parent):
             return candidate
     except (ModuleNotFoundError, TypeError):
         pass
-    return Path(__file__).resolve().parents[2] / "tuning_db"
+    return package.parent / "tuning_db"  # a checkout without it: an empty shipped layer
 
 
 def is_file_layer(path: str | os.PathLike[str]) -> bool:
