@@ -50,11 +50,7 @@ def run(config, q8, k8, v8, params, bias, out_dtype, backend, out=None) -> torch
     if backend == "reference":
         result = reference.reference_int8(q8, k8, v8, params, config, bias=bias, out_dtype=out_dtype)
         return result if out is None else out.copy_(result)
-    if q8.device.type != "cuda" and not checks.interpreter_active():
-        raise ValueError(
-            f"backend='triton' needs CUDA tensors (got {q8.device}); set TRITON_INTERPRET=1 to run the "
-            "kernel on CPU through Triton's interpreter, or use backend='reference'"
-        )
+    checks.check_kernel_device(q8.device)
     with on_device(q8.device):
         return launch.launch_fast(codegen.load(config), config, q8, k8, v8, params, bias, out, out_dtype)
 
@@ -155,11 +151,7 @@ def attention(
     if backend == "reference":
         q8, k8, v8, params = quant.quantize_dynamic(q, k, v, d, scale, smooth=smooth_k)
         return run(cfg, q8, k8, v8, params, bias, q.dtype, backend, out=out)
-    if not (q.is_cuda or checks.interpreter_active()):
-        raise ValueError(
-            f"backend='triton' needs CUDA tensors (got {q.device}); set TRITON_INTERPRET=1 to run the "
-            "kernel on CPU through Triton's interpreter, or use backend='reference'"
-        )
+    checks.check_kernel_device(q.device)
     with on_device(q.device):
         q8, k8, v8, params = quant_kernels.quantize_heads(q, k, v, scale, smooth=smooth_k)
         return run(cfg, q8, k8, v8, params, bias, q.dtype, backend, out=output_like(q, q.dtype) if out is None else out)

@@ -24,6 +24,7 @@ __all__ = [
     "check_backend",
     "check_float_bias",
     "check_head_dim",
+    "check_kernel_device",
     "check_mask",
     "check_qkv",
     "interpreter_active",
@@ -34,6 +35,15 @@ __all__ = [
 def interpreter_active() -> bool:
     """True when kernels run through Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_kernel_device(device) -> None:
+    """backend='triton' runs the kernel on CUDA, or on CPU through Triton's interpreter only."""
+    if device.type != "cuda" and not interpreter_active():
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (got {device}); set TRITON_INTERPRET=1 to run the "
+            "kernel on CPU through Triton's interpreter, or use backend='reference'"
+        )
 
 
 def check_head_dim(d: int, what: str = "head_dim D") -> None:

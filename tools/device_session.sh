@@ -6,17 +6,7 @@
 #   bash tools/device_session.sh            (writes under $OUT, default ./out)
 # Caps (seconds) from the environment: TESTS_S, MODELS_S, BENCH_S, FIDELITY_S.
 set -uo pipefail
-OUT=${OUT:-out}; mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,power.limit --format=csv | tee "$OUT/gpu.txt"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
-export QFLASH_GEN_CACHE=${QFLASH_GEN_CACHE:-/tmp/qflash-cache} PYTHONUNBUFFERED=1
-unset TRITON_INTERPRET
-python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' | tee -a "$OUT/gpu.txt"
+source "$(dirname "$0")/device_env.sh"
 step() {  # step NAME CAP CMD...: run CMD under a time cap, log to $OUT/NAME.log, print its tail
   local name=$1 cap=$2; shift 2
   local t0=$SECONDS

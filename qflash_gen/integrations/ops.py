@@ -153,11 +153,7 @@ def attention_static_impl(q, k, v, table, bias=None, scale=None, config="", back
     if backend == "reference":
         q8, k8, v8 = (quant.quantize_groups(t, params.table[..., i]) for i, t in enumerate((q, k, v)))
         return api.run(cfg, q8, k8, v8, params, bias, q.dtype, backend, out=out)
-    if not (q.is_cuda or checks.interpreter_active()):
-        raise ValueError(
-            f"backend='triton' needs CUDA tensors (got {q.device}); set TRITON_INTERPRET=1 to run the "
-            "kernel on CPU through Triton's interpreter, or use backend='reference'"
-        )
+    checks.check_kernel_device(q.device)
     with api.on_device(q.device):
         return launch.launch_static(codegen.load(cfg), cfg, q, k, v, params, bias, out, q.dtype, fast=q.is_cuda)
 
