@@ -134,8 +134,7 @@ def attention(
     q's shape and dtype, any strides) receives the result."""
     checks.check_backend(backend)
     checks.check_qkv(q, k, v, checks.FLOAT_DTYPES, "attention")
-    c_log2e = quant.softmax_constant(q.shape[-1], scale)  # checks scale
-    del c_log2e
+    quant.softmax_constant(q.shape[-1], scale)  # refuses a bad softmax scale before any launch
     checks.check_float_bias(attn_mask, float_bias, q.shape, q.device)
     if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device):
         raise ValueError(f"out must be a {tuple(q.shape)} {q.dtype} tensor on {q.device}")

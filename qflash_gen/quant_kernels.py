@@ -127,7 +127,8 @@ def quantize_heads(
     any strides).  Dynamic (``params`` None): one scale per (batch, head) and tensor, k smoothed
     unless ``smooth=False``, softmax scale ``scale`` (default 1/sqrt(D)): the bits of
     ``quant.quantize_dynamic``.  Static: quantized at ``params``' scales (its groups), which are
-    returned unchanged.  One launch, no sync."""
+    returned unchanged.  One launch, no sync, no input checks (``qflash_gen.attention`` and the
+    ops check q, k, v first)."""
     b, h, n, d = q.shape
     dev = q.device
     q, k, v = (t if t.stride(3) == 1 else t.contiguous() for t in (q, k, v))

@@ -547,6 +547,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{datetime.date.today()} · torch {torch.__version__} · triton {triton.__version__} · "
         f"{dev.multi_processor_count} SMs · command: `python tools/bench.py --workloads {args.workloads} --batches {args.batches}"
         + (f" --config {args.config}" if args.config else "")
+        + (f" --time-budget {args.time_budget:g}" if args.time_budget else "")
         + (
             f" --energy --energy-seconds {args.energy_seconds:g} --energy-repeats {args.energy_repeats}"
             if counter
