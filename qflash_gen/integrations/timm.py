@@ -122,7 +122,7 @@ def patch_model(
     ``config``: the KernelConfig for every patched module, or None (the tuning DB's pick per call
     shape on CUDA, the safe default elsewhere).  ``backend``: ``"triton"`` (the kernel; on CPU
     only with ``TRITON_INTERPRET=1``) or ``"reference"`` (the integer oracle, same bits).
-    ``calibrate``: None keeps dynamic per-tensor scales; otherwise sample batches (an iterable of
+    ``calibrate``: None keeps dynamic scales (one per (batch, head), k smoothed); otherwise sample batches (an iterable of
     model inputs) or a callable that runs the model, passed to :func:`calibrate` with
     ``per_head``, ``smooth_k`` and ``equalize``.  Returns a :class:`PatchReport`; unknown attention modules are left alone,
     logged and warned about."""
