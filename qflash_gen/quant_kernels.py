@@ -108,6 +108,79 @@ def _quantize_heads(
             tl.store(K8 + g * (N * D) + rows[:, None] * D + offs_d[None, :], x8, mask=ok)
 
 
+@triton.jit
+def _tile_scale(x, ok):
+    """Per group (axis 0 of a [GB, BLOCK_N, D] tile): max|x| over the finite elements / 127 (at
+    least quant.MIN_SCALE), or 1 where it is 0.  The max runs in the input's dtype (exact)."""
+    a = tl.abs(x)
+    a = tl.where(ok & (a < float("inf")), a, 0.0)  # NaN and +-inf -> 0
+    amax = tl.max(tl.max(a, axis=2), axis=1).to(tl.float32)
+    return tl.where(amax > 0.0, tl.maximum(tl.div_rn(amax, 127.0), 7.888609052210118e-31), 1.0)  # MIN_SCALE
+
+
+@triton.jit
+def _quantize_tiles(
+    Q, K, V, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+    Q8, K8, V8, SCALES, stride_sz, stride_sh, H, N, NP, G,
+    BLOCK_N: tl.constexpr, D: tl.constexpr, GB: tl.constexpr, DYNAMIC: tl.constexpr, SMOOTH_K: tl.constexpr,
+):  # fmt: skip
+    """Program (i, t): tensor t (q, k or v) of the GB groups i * GB .. as one [GB, BLOCK_N, D]
+    tile, loaded once; every pass (max|x|, k's mean and max|x - mean|, quantize) runs on the
+    registers, and the stores follow."""
+    t = tl.program_id(1)  # 0 q, 1 k, 2 v
+    g = tl.program_id(0) * GB + tl.arange(0, GB)  # groups: batch * H + head
+    z = g // H
+    h = g % H
+    gi = g[:, None, None]
+    n = tl.arange(0, BLOCK_N)[None, :, None]
+    d = tl.arange(0, D)[None, None, :]
+    ok = (gi < G) & (n < N)
+    if t == 0:
+        X, sb, sh, sn = Q, sqb, sqh, sqn
+    elif t == 1:
+        X, sb, sh, sn = K, skb, skh, skn
+    else:
+        X, sb, sh, sn = V, svb, svh, svn
+    x = tl.load(X + z[:, None, None] * sb + h[:, None, None] * sh + n * sn + d, mask=ok, other=0.0)
+    s_off = z * stride_sz + h * stride_sh + t  # [GB]
+    if DYNAMIC:
+        s = _tile_scale(x, ok)
+        xf = x.to(tl.float32)
+        if SMOOTH_K:
+            if t == 1:
+                # quant.smooth_k: the per-channel mean on the int8 grid of the first scale,
+                # float32(sum of int8) * s / N, subtracted; then the scale again
+                i1 = tl.where(ok, _rint8(xf, tl.div_rn(1.0, s)[:, None, None]), 0)
+                mean = tl.div_rn(tl.sum(i1, axis=1).to(tl.float32) * s[:, None], N.to(tl.float32))  # [GB, D]
+                xf = xf - mean[:, None, :]
+                s = _tile_scale(xf, ok)
+        tl.store(SCALES + s_off, s, mask=g < G)
+    else:
+        s = tl.load(SCALES + s_off, mask=g < G, other=1.0)
+        xf = x.to(tl.float32)
+    x8 = _rint8(xf, tl.div_rn(1.0, s)[:, None, None]).to(tl.int8)
+    if t == 2:  # key-major: keys innermost, row pitch NP
+        tl.store(V8 + gi * (D * NP) + d * NP + n, x8, mask=ok)
+    elif t == 0:
+        tl.store(Q8 + gi * (N * D) + n * D + d, x8, mask=ok)
+    else:
+        tl.store(K8 + gi * (N * D) + n * D + d, x8, mask=ok)
+
+
+TILE_ELEMENTS = 16384  # the largest tile (groups x keys x D, padded) one program holds in registers
+
+
+def tile_plan(n: int, d: int) -> tuple[int, int, int] | None:
+    """(BLOCK_N, GB, num_warps) of the one-tile kernel for N, D; None where a head does not fit a
+    tile (then the chunked kernel runs).  GB groups per program fill about 4,096 elements."""
+    bn = triton.next_power_of_2(max(n, 1))
+    if bn * d > TILE_ELEMENTS:
+        return None
+    gb = max(1, min(16, 4096 // (bn * d)))
+    size = gb * bn * d
+    return bn, gb, 16 if size >= 16384 else 8 if size >= 8192 else 4  # ~32 elements a thread
+
+
 def key_major_int8(shape, device) -> torch.Tensor:
     """An int8 (B, H, N, D) view in quant.key_major's layout (padding keys unset)."""
     b, h, n, d = shape
@@ -122,13 +195,15 @@ def quantize_heads(
     *,
     params: KernelParams | None = None,
     smooth: bool = True,
+    tile: tuple[int, int, int] | None | bool = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, KernelParams]:
     """int8 q, k, v8 (key-major) and the KernelParams of (B, H, N, D) float q, k, v (one shape,
     any strides).  Dynamic (``params`` None): one scale per (batch, head) and tensor, k smoothed
     unless ``smooth=False``, softmax scale ``scale`` (default 1/sqrt(D)): the bits of
     ``quant.quantize_dynamic``.  Static: quantized at ``params``' scales (its groups), which are
     returned unchanged.  One launch, no sync, no input checks (``qflash_gen.attention`` and the
-    ops check q, k, v first)."""
+    ops check q, k, v first).  ``tile``: the one-tile kernel's (BLOCK_N, GB, num_warps), or False
+    for the chunked kernel (benchmarks and tests; default :func:`tile_plan`'s choice)."""
     b, h, n, d = q.shape
     dev = q.device
     q, k, v = (t if t.stride(3) == 1 else t.contiguous() for t in (q, k, v))
@@ -141,11 +216,19 @@ def quantize_heads(
         params = KernelParams(scales=table, c_log2e=softmax_constant(d, scale))
     if b * h * n == 0:
         return q8, k8, v8, params
-    ch = min(32 if d >= 64 else 64, triton.next_power_of_2(n))
-    _quantize_heads[(b * h, 3)](
-        q, k, v, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), q8, k8, v8, params.scales, *params.strides(), h, n, v8.stride(3),
-        CH=ch, D=d, DYNAMIC=dynamic, SMOOTH_K=smooth,
-        num_warps=4,
-    )  # fmt: skip
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               v.stride(0), v.stride(1), v.stride(2))  # fmt: skip
+    plan = tile_plan(n, d) if tile is None else tile
+    if plan:
+        bn, gb, warps = plan
+        _quantize_tiles[(triton.cdiv(b * h, gb), 3)](
+            q, k, v, *strides, q8, k8, v8, params.scales, *params.strides(), h, n, v8.stride(3), b * h,
+            BLOCK_N=bn, D=d, GB=gb, DYNAMIC=dynamic, SMOOTH_K=smooth, num_warps=warps,
+        )  # fmt: skip
+    else:
+        _quantize_heads[(b * h, 3)](
+            q, k, v, *strides, q8, k8, v8, params.scales, *params.strides(), h, n, v8.stride(3),
+            CH=min(32 if d >= 64 else 64, triton.next_power_of_2(n)), D=d, DYNAMIC=dynamic, SMOOTH_K=smooth,
+            num_warps=4,
+        )  # fmt: skip
     return q8, k8, v8, params

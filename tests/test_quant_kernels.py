@@ -31,15 +31,21 @@ def _inputs(case, dtype, shape=(2, 3, 37, 32), seed=0):
     return [t.to(device=kernel_device(), dtype=dtype) for t in x]
 
 
+# The kernels quantize_heads picks from: the one-tile kernel (a head's N x D in registers; GB groups
+# per program, the last program partly masked when GB does not divide B * H) and the chunked one
+KERNELS = {"tile": None, "tile_gb4": (64, 4, 4), "chunked": False}
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("case", ["uniform", "specials", "zeros", "tiny", "subnormal", "shared_k"])
 @pytest.mark.parametrize("smooth", [True, False])
-def test_dynamic_quantization_equals_torch(dtype, case, smooth):
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_dynamic_quantization_equals_torch(dtype, case, smooth, kernel):
     q, k, v = _inputs(case, dtype)
     if case == "subnormal" and dtype != torch.float32:
         pytest.skip("float16/bfloat16 cannot hold 1e-39 * x")
     scale = 0.3 if case == "tiny" else None
-    q8, k8, v8, params = quant_kernels.quantize_heads(q, k, v, scale, smooth=smooth)
+    q8, k8, v8, params = quant_kernels.quantize_heads(q, k, v, scale, smooth=smooth, tile=KERNELS[kernel])
     tq, tk, tv, tparams = quant.quantize_dynamic(q, k, v, 32, scale, smooth=smooth)
     for got, want in ((q8, tq), (k8, tk), (v8, tv)):
         assert_bit_equal(got, want)
@@ -71,15 +77,36 @@ def test_strided_views_of_a_packed_projection():
     assert_bit_equal(got[3].scales, want[3].scales)
 
 
+def test_kernel_choice():
+    """One tile per head up to TILE_ELEMENTS padded elements (ViT N=197, Swin N=49), chunks above."""
+    assert quant_kernels.tile_plan(197, 64) == (256, 1, 16)
+    assert quant_kernels.tile_plan(49, 32) == (64, 2, 4)
+    assert quant_kernels.tile_plan(577, 64) is None and quant_kernels.tile_plan(257, 64) is None
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 300, 64), (3, 5, 130, 32)])
+def test_chunked_and_masked_tiles_equal_torch(shape):
+    """A head over the tile limit (chunked kernel, tail chunk) and GB not dividing B * H (15 groups,
+    GB 4: the last program has one group) against the torch oracle."""
+    q, k, v = _inputs("specials", torch.float16, shape=shape)
+    tile = False if shape[2] == 300 else (256, 4, 4)
+    got = quant_kernels.quantize_heads(q, k, v, tile=tile)
+    want = quant.quantize_dynamic(q, k, v, shape[3])
+    for a, b in zip(got[:3], want[:3], strict=True):
+        assert_bit_equal(a, b)
+    assert_bit_equal(got[3].scales, want[3].scales.reshape(got[3].scales.shape))
+
+
 @pytest.mark.parametrize("groups", ["tensor", "head", "batch_head"])
-def test_static_quantization_equals_torch(groups):
+@pytest.mark.parametrize("kernel", ["tile", "chunked"])
+def test_static_quantization_equals_torch(groups, kernel):
     q, k, v = _inputs("specials", torch.float16)
     b, h = q.shape[:2]
     shape = {"tensor": (), "head": (h,), "batch_head": (b, h)}[groups]
     g = torch.Generator().manual_seed(9)
     sq, sk, sv = ((torch.rand(shape, generator=g) * 0.05 + 0.01).to(q.device) for _ in range(3))
     params = quant.make_params(sq, sk, sv, head_dim=32)
-    q8, k8, v8, back = quant_kernels.quantize_heads(q, k, v, params=params)
+    q8, k8, v8, back = quant_kernels.quantize_heads(q, k, v, params=params, tile=KERNELS[kernel])
     assert back is params
     for got, t, s in ((q8, q, sq), (k8, k, sk), (v8, v, sv)):
         assert_bit_equal(got, quant.quantize_groups(t, s.expand(b, h) if s.dim() else s))

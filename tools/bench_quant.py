@@ -1,0 +1,137 @@
+"""Time the one-launch quantizer (``quant_kernels.quantize_heads``) on the q, k, v views timm hands
+over (a packed (B, N, 3, H, D) fp16 projection), for each kernel it can run, against the HBM floor.
+
+    python tools/bench_quant.py --out out --workloads A1,A2,A3,A4,A5 --batches 1,8,64
+
+For each workload and batch: the default choice (``tile_plan``), the chunked kernel and the listed
+one-tile variants (BLOCK_N, groups per program, warps), dynamic and static scales, CUDA-graph
+replay (median, µs).  Every variant's bits are compared with the torch oracle
+(``quant.quantize_dynamic`` / ``quant.quantize_groups``) first; a row says ``equal``.  The floor is
+the bytes moved (2 read + 1 written per element) at the rate a ``clone`` of the same packed
+tensor reaches.  Writes ``quant-<gpu>.csv`` and ``.md`` under --out.  GPU only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import gpu_label, shape_of  # noqa: E402
+
+from qflash_gen import quant, quant_kernels  # noqa: E402
+
+VARIANTS = {  # name -> tile argument of quantize_heads, by head size class
+    197: [(256, 1, 4), (256, 1, 8), (256, 1, 16)],
+    49: [(64, 1, 4), (64, 2, 4), (64, 4, 4), (64, 4, 8), (64, 8, 8)],
+}
+
+
+def packed_views(shape, seed=0):
+    b, h, n, d = shape
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    qkv = torch.randn((b, n, 3, h, d), generator=g, device="cuda", dtype=torch.float16) * 2
+    return qkv, qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def graph_us(fn) -> float:
+    return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median") * 1e3
+
+
+def equal(got, want) -> bool:
+    return all(torch.equal(a.contiguous(), b.contiguous()) for a, b in zip(got, want, strict=True))
+
+
+def bench_shape(name: str, batch: int) -> list[dict]:
+    shape = shape_of(name, batch)
+    b, h, n, d = shape
+    qkv, (q, k, v) = packed_views(shape)
+    floor_rate = qkv.numel() * 4 / (graph_us(lambda: qkv.clone()) * 1e-6)  # bytes per s of a clone
+    floor_us = qkv.numel() * 3 / floor_rate * 1e6
+    want_dyn = quant.quantize_dynamic(q, k, v, d)
+    sq, sk, sv = (want_dyn[3].scales[..., i].reshape(b, h).contiguous() for i in range(3))
+    params = quant.make_params(sq, sk, sv, head_dim=d)
+    want_static = tuple(quant.quantize_groups(t, s) for t, s in ((q, sq), (k, sk), (v, sv)))
+    default = quant_kernels.tile_plan(n, d)
+    variants = [("default", None), ("chunked", False)]
+    variants += [(f"tile{t[0]}x{t[1]}w{t[2]}", t) for t in VARIANTS.get(n, []) if t[0] * t[1] * d <= 32768]
+    rows = []
+    for vname, tile in variants:
+        for mode in ("dynamic", "static"):
+            if mode == "dynamic":
+
+                def run(tile=tile):
+                    return quant_kernels.quantize_heads(q, k, v, tile=tile)
+
+                want = want_dyn[:3]
+            else:
+
+                def run(tile=tile):
+                    return quant_kernels.quantize_heads(q, k, v, params=params, tile=tile)
+
+                want = want_static
+            try:
+                got = run()
+                ok = equal(got[:3], want) and (
+                    mode == "static" or torch.equal(got[3].scales, want_dyn[3].scales.reshape(got[3].scales.shape))
+                )
+                us = graph_us(run)
+                err = ""
+            except Exception as exc:  # a variant that does not compile is a row, not the end
+                ok, us, err = False, float("nan"), f"{type(exc).__name__}: {exc}"[:120]
+            rows.append(
+                dict(
+                    gpu=gpu_label(),
+                    workload=name,
+                    batch=batch,
+                    shape="x".join(map(str, shape)),
+                    variant=vname if tile is not None else f"default{default}",
+                    mode=mode,
+                    us=round(us, 2),
+                    floor_us=round(floor_us, 2),
+                    equal=ok,
+                    error=err,
+                )
+            )
+            print(
+                f"{name} b={batch} {rows[-1]['variant']:>22} {mode:8} {us:8.2f} us  floor {floor_us:6.2f}  equal={ok} {err}",
+                flush=True,
+            )
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="out")
+    ap.add_argument("--workloads", default="A1,A2,A3,A4,A5")
+    ap.add_argument("--batches", default="1,8,64")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_quant.py needs a CUDA GPU")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    stem = f"quant-{gpu_label()}"
+    for name in args.workloads.split(","):
+        for batch in (int(x) for x in args.batches.split(",")):
+            rows += bench_shape(name, batch)
+            with open(out / f"{stem}.csv", "w", newline="") as f:  # after every shape: nothing lost on a cut
+                w = csv.DictWriter(f, fieldnames=list(rows[0]))
+                w.writeheader()
+                w.writerows(rows)
+    lines = ["| workload | batch | variant | mode | µs | floor µs | equal |", "|---|---|---|---|---|---|---|"]
+    lines += [
+        f"| {r['workload']} | {r['batch']} | {r['variant']} | {r['mode']} | {r['us']} | {r['floor_us']} | {r['equal']} |"
+        for r in rows
+    ]
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
