@@ -123,12 +123,20 @@ def _quantize_tiles(
     Q, K, V, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
     Q8, K8, V8, SCALES, stride_sz, stride_sh, H, N, NP, G,
     BLOCK_N: tl.constexpr, D: tl.constexpr, GB: tl.constexpr, DYNAMIC: tl.constexpr, SMOOTH_K: tl.constexpr,
+    T_FAST: tl.constexpr,
 ):  # fmt: skip
     """Program (i, t): tensor t (q, k or v) of the GB groups i * GB .. as one [GB, BLOCK_N, D]
     tile, loaded once; every pass (max|x|, k's mean and max|x - mean|, quantize) runs on the
-    registers, and the stores follow."""
-    t = tl.program_id(1)  # 0 q, 1 k, 2 v
-    g = tl.program_id(0) * GB + tl.arange(0, GB)  # groups: batch * H + head
+    registers, and the stores follow.  T_FAST (a 1-D grid, program 3i + t): the q, k and v
+    programs of a group run side by side, so a packed projection's rows (q, k, v of every head
+    of a token: one span of memory) are read together; else grid (groups / GB, 3)."""
+    if T_FAST:
+        t = tl.program_id(0) % 3  # 0 q, 1 k, 2 v
+        i = tl.program_id(0) // 3
+    else:
+        t = tl.program_id(1)
+        i = tl.program_id(0)
+    g = i * GB + tl.arange(0, GB)  # groups: batch * H + head
     z = g // H
     h = g % H
     gi = g[:, None, None]
@@ -170,15 +178,17 @@ def _quantize_tiles(
 TILE_ELEMENTS = 16384  # the largest tile (groups x keys x D, padded) one program holds in registers
 
 
-def tile_plan(n: int, d: int) -> tuple[int, int, int] | None:
+def tile_plan(n: int, d: int, dynamic: bool = True) -> tuple[int, int, int] | None:
     """(BLOCK_N, GB, num_warps) of the one-tile kernel for N, D; None where a head does not fit a
-    tile (then the chunked kernel runs).  GB groups per program fill about 4,096 elements."""
+    tile (then the chunked kernel runs).  GB groups per program fill about 4,096 elements; warps
+    for about 64 elements a thread with dynamic scales, 128 with static ones (at least 4): the
+    fastest on an H200 (docs/perf-notes.md, seventh session)."""
     bn = triton.next_power_of_2(max(n, 1))
     if bn * d > TILE_ELEMENTS:
         return None
     gb = max(1, min(16, 4096 // (bn * d)))
-    size = gb * bn * d
-    return bn, gb, 16 if size >= 16384 else 8 if size >= 8192 else 4  # ~32 elements a thread
+    warps = gb * bn * d // (64 if dynamic else 128) // 32
+    return bn, gb, min(max(warps, 4), 16)
 
 
 def key_major_int8(shape, device) -> torch.Tensor:
@@ -202,7 +212,7 @@ def quantize_heads(
     unless ``smooth=False``, softmax scale ``scale`` (default 1/sqrt(D)): the bits of
     ``quant.quantize_dynamic``.  Static: quantized at ``params``' scales (its groups), which are
     returned unchanged.  One launch, no sync, no input checks (``qflash_gen.attention`` and the
-    ops check q, k, v first).  ``tile``: the one-tile kernel's (BLOCK_N, GB, num_warps), or False
+    ops check q, k, v first).  ``tile``: the one-tile kernel's (BLOCK_N, GB, num_warps[, T_FAST]), or False
     for the chunked kernel (benchmarks and tests; default :func:`tile_plan`'s choice)."""
     b, h, n, d = q.shape
     dev = q.device
@@ -218,12 +228,14 @@ def quantize_heads(
         return q8, k8, v8, params
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2))  # fmt: skip
-    plan = tile_plan(n, d) if tile is None else tile
+    plan = tile_plan(n, d, dynamic) if tile is None else tile
     if plan:
-        bn, gb, warps = plan
-        _quantize_tiles[(triton.cdiv(b * h, gb), 3)](
+        bn, gb, warps, *order = plan
+        t_fast = order[0] if order else True
+        blocks = triton.cdiv(b * h, gb)
+        _quantize_tiles[(3 * blocks,) if t_fast else (blocks, 3)](
             q, k, v, *strides, q8, k8, v8, params.scales, *params.strides(), h, n, v8.stride(3), b * h,
-            BLOCK_N=bn, D=d, GB=gb, DYNAMIC=dynamic, SMOOTH_K=smooth, num_warps=warps,
+            BLOCK_N=bn, D=d, GB=gb, DYNAMIC=dynamic, SMOOTH_K=smooth, T_FAST=t_fast, num_warps=warps,
         )  # fmt: skip
     else:
         _quantize_heads[(b * h, 3)](

@@ -255,6 +255,7 @@ MUTANTS = [
         "N.to(tl.float32))",
         "(N + 1).to(tl.float32))",
         case="shared_k",
+        count=2,  # the one-tile and the chunked kernel
     ),
     Mutant(
         "quantizer MIN_SCALE floor dropped",
@@ -262,6 +263,7 @@ MUTANTS = [
         "tl.maximum(tl.div_rn(amax, 127.0), 7.888609052210118e-31)",
         "tl.maximum(tl.div_rn(amax, 127.0), 0.0)",
         case="subnormal",
+        count=2,
     ),
     Mutant(
         "quantizer truncates",
@@ -276,6 +278,20 @@ MUTANTS = [
         "tl.where(ok & (a <= 3.4028234663852886e38), a, 0.0)",
         "tl.where(ok, a, 0.0)",
         case="specials",
+    ),
+    Mutant(
+        "one-tile quantizer scale counts Inf and NaN",
+        "quant_kernels",
+        'tl.where(ok & (a < float("inf")), a, 0.0)',
+        "tl.where(ok, a, 0.0)",
+        case="specials",
+    ),
+    Mutant(
+        "one-tile quantizer smoothing drops the mean",
+        "quant_kernels",
+        "xf = xf - mean[:, None, :]",
+        "xf = xf - 0.0 * mean[:, None, :]",
+        case="shared_k",
     ),
     Mutant(
         "torch quantizer scale counts Inf and NaN",
@@ -378,12 +394,15 @@ def _run_oracle(ref, qnt, cfg: KernelConfig, case: Case, out_dtype: torch.dtype)
 
 def _quantized(qnt, case: Case) -> list[torch.Tensor]:
     """int8 q, k, v and the scale table of one dynamic quantization (k smoothed) by a quantizer
-    module: the fused one (``quantize_heads``) or the torch one (``quantize_dynamic``)."""
+    module: the fused one (``quantize_heads``: its one-tile kernel, then its chunked one) or the
+    torch one (``quantize_dynamic``, listed twice to match)."""
     if hasattr(qnt, "quantize_heads"):
-        q8, k8, v8, params = qnt.quantize_heads(case.q, case.k, case.v)
+        runs = [qnt.quantize_heads(case.q, case.k, case.v, tile=tile) for tile in (None, False)]
     else:
-        q8, k8, v8, params = qnt.quantize_dynamic(case.q, case.k, case.v, D)
-    return [q8, k8, v8.contiguous(), params.scales.reshape(q8.shape[0], q8.shape[1], 4)]
+        runs = [qnt.quantize_dynamic(case.q, case.k, case.v, D)] * 2
+    return [
+        t for q8, k8, v8, p in runs for t in (q8, k8, v8.contiguous(), p.scales.reshape(q8.shape[0], q8.shape[1], 4))
+    ]
 
 
 _kernel_outputs: dict = {}

@@ -33,7 +33,7 @@ def _inputs(case, dtype, shape=(2, 3, 37, 32), seed=0):
 
 # The kernels quantize_heads picks from: the one-tile kernel (a head's N x D in registers; GB groups
 # per program, the last program partly masked when GB does not divide B * H) and the chunked one
-KERNELS = {"tile": None, "tile_gb4": (64, 4, 4), "chunked": False}
+KERNELS = {"tile": None, "tile_gb4": (64, 4, 4), "tile_grid2d": (64, 2, 4, False), "chunked": False}
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
@@ -79,7 +79,8 @@ def test_strided_views_of_a_packed_projection():
 
 def test_kernel_choice():
     """One tile per head up to TILE_ELEMENTS padded elements (ViT N=197, Swin N=49), chunks above."""
-    assert quant_kernels.tile_plan(197, 64) == (256, 1, 16)
+    assert quant_kernels.tile_plan(197, 64) == (256, 1, 8)
+    assert quant_kernels.tile_plan(197, 64, dynamic=False) == (256, 1, 4)
     assert quant_kernels.tile_plan(49, 32) == (64, 2, 4)
     assert quant_kernels.tile_plan(577, 64) is None and quant_kernels.tile_plan(257, 64) is None
 
