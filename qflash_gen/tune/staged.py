@@ -117,8 +117,9 @@ class Climb:
         """The moves the climb measures next, or [] at a local optimum (the sampler proposes then).
 
         The first is the next move; the others are the stage's unmeasured moves after it, in
-        order, which the study measures next unless one of them moves the centre first (the
-        study compiles them ahead as a batch, :mod:`.ahead`).  ``records``: the study's measured
+        order, which the study measures next (the centre moves only once the stage is measured)
+        unless its budget ends or another process measures some first; the study compiles them
+        ahead as one batch (:mod:`.ahead`).  ``records``: the study's measured
         trials (measurement order); ``taken(config)``: True for a config that must not be
         proposed now (another process is measuring it): the list starts at the first move not
         taken, and the study checks the others again when it comes to them."""
