@@ -80,15 +80,17 @@ def test_the_climb_moves_tiling_first_and_never_to_a_twin():
 
     climb = Climb(space, 30.0)
     records = [rec(0, center, 10.0)]
-    first = climb.propose(records)
+    assert climb.propose(records) == tiling  # the whole stage, in order: the study compiles it as a batch
+    assert climb.propose(records, taken=lambda c: c == tiling[0]) == tiling[1:]  # another process measures it
+    first = climb.propose(records)[0]
     assert first == tiling[0]  # the first tiling move
     # a faster config found while the tiling stage is not measured yet: the centre waits
     records.append(rec(1, first, 5.0))
-    assert climb.propose(records) == tiling[1] and climb.center.config == center
+    assert climb.propose(records)[0] == tiling[1] and climb.center.config == center
     # the stage measured: the centre moves to the best, and its own tiling moves come next
     records += [rec(2 + i, c, 20.0) for i, c in enumerate(tiling[1:])]
-    nxt = climb.propose(records)
+    nxt = climb.propose(records)[0]
     assert climb.center.config == first and nxt in set(moves(space, first, STAGES[0]))
     # below the SQNR floor, the numeric moves come first
     low = Climb(space, 30.0)
-    assert low.propose([rec(0, center, 10.0, sqnr=25.0)]) == numeric[0]
+    assert low.propose([rec(0, center, 10.0, sqnr=25.0)])[0] == numeric[0]

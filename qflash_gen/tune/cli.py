@@ -136,7 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--record", metavar="FILE", help="table (CSV) to write with --exhaustive; resumed if it exists")
     p.add_argument("--max-configs", type=int, help="with --exhaustive: at most this many configs per shape group")
     p.add_argument(
-        "--compile-jobs", type=int, default=min(8, os.cpu_count() or 1), help="parallel compile workers (--exhaustive)"
+        "--compile-jobs",
+        type=int,
+        default=min(8, os.cpu_count() or 1),
+        help="parallel workers that compile configs before they are timed: a study's warm starts and each "
+        "stage of its climb, --exhaustive's whole grid (default min(8, CPUs); 0: compile each as it is "
+        "measured; GPU only, --simulate compiles nothing)",
     )
     p.add_argument("--dry-run", action="store_true", help="with --exhaustive: print the plan and the time estimate")
     p.add_argument("--timing", choices=TIMINGS, default="do_bench", help="latency protocol (default do_bench)")

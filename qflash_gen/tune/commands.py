@@ -194,7 +194,12 @@ def _search_all(args: argparse.Namespace, measurer: Any, plans: list, runs: list
                 best = f"best {r.best.latency_us:.2f} us" if r.best else "no feasible config yet"
                 bar.update(task, completed=r.n_mine, best=f"{best}  ({r.n_failed} failed, {r.n_measured} in study)")
 
-            r = run.search(measurer, enqueue=enqueue, on_progress=progress)
+            def compiling(n: int, jobs: int, task: Any = task, label: str = s.label()) -> None:
+                bar.update(task, best=f"precompiling {n} configs ({jobs} jobs)")
+                if not err.is_terminal and not args.quiet:  # a log: the bar is not shown
+                    err.print(escape(f"{label}: precompiling {n} configs ({jobs} jobs)"))
+
+            r = run.search(measurer, enqueue=enqueue, on_progress=progress, on_compile=compiling)
             progress(r)
             results.append((r, space))
             if r.new_measurements == 0 and r.n_mine >= args.trials:

@@ -41,6 +41,8 @@ def check_numbers(args: argparse.Namespace) -> None:
         raise UsageError(f"--timeout {args.timeout} must be > 0 seconds")
     if not math.isfinite(args.sqnr_floor):
         raise UsageError(f"--sqnr-floor {args.sqnr_floor} must be a finite number of dB")
+    if args.compile_jobs < 0:
+        raise UsageError(f"--compile-jobs {args.compile_jobs} must be >= 0 (0: no compiling ahead)")
     if args.max_configs is not None and args.max_configs < 1:
         raise UsageError(f"--max-configs {args.max_configs} must be >= 1")
     if args.exhaustive and not args.record:
@@ -194,6 +196,7 @@ def study_settings(args: argparse.Namespace):
         return StudySettings(
             budget=args.trials, objective=args.objective, sqnr_floor=args.sqnr_floor, seed=args.seed,
             sampler=args.sampler, strategy=getattr(args, "strategy", None) or "staged",
+            compile_jobs=args.compile_jobs,
         )  # fmt: skip
     except ValueError as exc:
         raise UsageError(str(exc)) from None

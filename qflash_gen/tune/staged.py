@@ -17,13 +17,15 @@ fastest feasible config measured so far (the centre), in stages:
 A move to a config that runs the same kernel as one measured (a single pass's rescale twins,
 ``SearchSpace.equivalent``) is not made.
 
-``Climb.propose`` returns the first unmeasured move of the earliest stage around the centre.
-Once a stage's moves are all measured, the best config so far (a feasible one beats any below
-the SQNR floor; before any is feasible, the fastest correct one leads) becomes the centre and the
-climb starts again at its tiling.  Around a centre below the floor, the numeric and the tiling
-moves are one first stage, numeric first (both can lift SQNR: a single pass is more accurate).  When every move around the centre is measured and none is
-better (a local optimum of the grid's axes) it returns None and the sampler proposes; a better
-config the sampler finds restarts the climb.  The only state is the centre: a resumed study, or
+``Climb.propose`` returns the unmeasured moves of the earliest stage around the centre that has
+any: the study measures the first, and compiles the stage's moves ahead as one batch
+(:mod:`.ahead`).  Once a stage's moves are all measured, the best config so far (a feasible one
+beats any below the SQNR floor; before any is feasible, the fastest correct one leads) becomes
+the centre and the climb starts again at its tiling.  Around a centre below the floor, the
+numeric and the tiling moves are one first stage, numeric first (both can lift SQNR: a single
+pass is more accurate).  When every move around the centre is measured and none is better (a
+local optimum of the grid's axes) it returns none and the sampler proposes; a better config the
+sampler finds restarts the climb.  The only state is the centre: a resumed study, or
 another process on the same study, climbs from the best config stored.
 """
 
@@ -88,8 +90,8 @@ def center_of(records: Sequence[TrialRecord], floor: float, objective: str = "la
 
 
 class Climb:
-    """The staged climb of one study (see the module doc): :meth:`propose` gives the next config
-    to measure, or None once every move around the centre is measured (a local optimum of the
+    """The staged climb of one study (see the module doc): :meth:`propose` gives the next configs
+    to measure, or none once every move around the centre is measured (a local optimum of the
     grid's axes; the sampler proposes then, and a better config it finds restarts the climb).
 
     The centre moves only after all moves of a stage around it are measured (steepest descent,
@@ -111,12 +113,19 @@ class Climb:
 
     def propose(
         self, records: Sequence[TrialRecord], *, taken: Callable[[KernelConfig], bool] = lambda c: False
-    ) -> KernelConfig | None:
-        """``records``: the study's measured trials (measurement order); ``taken(config)``: True
-        for a config that must not be proposed now (another process is measuring it)."""
+    ) -> list[KernelConfig]:
+        """The moves the climb measures next, or [] at a local optimum (the sampler proposes then).
+
+        The first is the next move; the others are the stage's unmeasured moves after it, in
+        order, which the study measures next (the centre moves only once the stage is measured)
+        unless its budget ends or another process measures some first; the study compiles them
+        ahead as one batch (:mod:`.ahead`).  ``records``: the study's measured
+        trials (measurement order); ``taken(config)``: True for a config that must not be
+        proposed now (another process is measuring it): the list starts at the first move not
+        taken, and the study checks the others again when it comes to them."""
         best = center_of(records, self.floor, self.objective)
         if best is None:
-            return None
+            return []
         if self.center is None:
             self.center = best
         measured = {self.space.canonical(r.config).hash for r in records}
@@ -124,11 +133,12 @@ class Climb:
             center = self.center
             stages = STAGES if center.measurement.feasible(self.floor) else BELOW_FLOOR
             for axes in stages:
-                for config in moves(self.space, center.config, axes):
-                    if self.space.canonical(config).hash not in measured and not taken(config):
-                        return config
+                todo = [c for c in moves(self.space, center.config, axes) if self.space.canonical(c).hash not in measured]
+                first = next((i for i, c in enumerate(todo) if not taken(c)), None)
+                if first is not None:
+                    return todo[first:]
                 if best is not center and self._better(best, center):
                     break  # this stage is measured around the centre: move to the best
             else:
-                return None  # every move around the centre is measured and none is better
+                return []  # every move around the centre is measured and none is better
             self.center = best

@@ -25,8 +25,11 @@ The loop is Optuna's ask/tell with rules of our own:
    trials in flight (RUNNING, never finished) are marked failed.
 
 How a study runs is one :class:`StudySettings` (budget, objective, floor, seed, sampler),
-passed down whole.  Objectives and the pick: :mod:`.objective`; the trial records:
-:mod:`.trials`; who writes the DB: :mod:`.db_turn`.
+passed down whole.  Where the measurer compiles (the GPU's), the configs known before they are
+measured -- the warm starts, then each climb stage's moves -- are compiled ahead in parallel, a
+batch at a time, before the timed worker measures them (:mod:`.ahead`): nothing else changes.
+Objectives and the pick: :mod:`.objective`; the trial records: :mod:`.trials`; who writes the
+DB: :mod:`.db_turn`.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from qflash_gen.reference import SQNR_FLOOR_DB
 from qflash_gen.tune import lease as lease_mod
 from qflash_gen.tune import staged
 from qflash_gen.tune import storage as storage_mod
+from qflash_gen.tune.ahead import StudyBatches
 from qflash_gen.tune.measure.base import Measurer, ShapeSpec
 from qflash_gen.tune.objective import AXIS_DIRECTION, OBJECTIVES, PARETO_AXES, Objective, is_pareto
 from qflash_gen.tune.space import SearchSpace
@@ -77,6 +81,9 @@ class StudySettings:
         max_asks: a bound on trials asked (default ``20 * budget + 200``).
         strategy: ``staged`` (default: the climb of :mod:`.staged` before the sampler) or
             ``sampler`` (the sampler alone after the warm starts); Pareto objectives use the sampler.
+        compile_jobs: workers that compile the warm starts and each climb stage ahead, before
+            they are measured (``--compile-jobs``, :mod:`.ahead`); 0: each compiles as it is
+            measured.  Only a measurer that compiles (the GPU's) uses it.
     """
 
     budget: int
@@ -86,6 +93,7 @@ class StudySettings:
     sampler: SamplerName | None = None
     max_asks: int | None = None
     strategy: str = "staged"
+    compile_jobs: int = 0
 
     def __post_init__(self) -> None:
         if self.strategy not in staged.STRATEGIES:
@@ -94,6 +102,8 @@ class StudySettings:
             raise ValueError(f"--objective {self.objective!r} is unknown; choose one of {OBJECTIVES}")
         if self.budget < 1:
             raise ValueError(f"--trials {self.budget} must be >= 1")
+        if self.compile_jobs < 0:
+            raise ValueError(f"--compile-jobs {self.compile_jobs} must be >= 0")
 
     @property
     def sampler_name(self) -> str:
@@ -161,6 +171,8 @@ def run_study(
     worker_info: Mapping[str, Any] | None = None,
     study_attrs: Mapping[str, Any] | None = None,
     strategy: str = "staged",
+    compile_jobs: int = 0,
+    on_compile: Callable[[int, int], None] | None = None,
 ) -> StudyResult:
     """Search ``space`` for ``shape`` until this process's slot has measured ``budget`` distinct
     configs (or the space is exhausted), in the study ``name`` on ``storage`` (created or
@@ -171,6 +183,7 @@ def run_study(
         enqueue: configs to try first (the DB's current best, the safe default), if the space
             holds them and they were not measured yet.
         on_progress: called after every measured trial (for progress bars).
+        on_compile: called with ``(configs, jobs)`` before a batch compiles ahead (``compile_jobs``).
         should_stop: called with the measurement history after every measured trial; True ends
             the study early (the efficiency tool stops once within 3 % of the known optimum).
         worker_info: recorded on every trial this process measures (``user_attrs["measured_by"]``,
@@ -178,11 +191,13 @@ def run_study(
         study_attrs: study user attributes to set (how the measurements are taken, for an export
             of the DB entry by another process).
     """
-    settings = StudySettings(budget, objective, sqnr_floor, seed, sampler, max_asks, strategy)
+    settings = StudySettings(budget, objective, sqnr_floor, seed, sampler, max_asks, strategy, compile_jobs)
     run = open_study(shape, space, storage=storage, name=name, settings=settings, worker_info=worker_info,
                      study_attrs=study_attrs)  # fmt: skip
     with run:
-        return run.search(measurer, enqueue=enqueue, on_progress=on_progress, should_stop=should_stop)
+        return run.search(
+            measurer, enqueue=enqueue, on_progress=on_progress, should_stop=should_stop, on_compile=on_compile
+        )
 
 
 def open_study(
@@ -275,10 +290,12 @@ class StudyRun:
         enqueue: Sequence[KernelConfig] = (),
         on_progress: Callable[[StudyResult], None] | None = None,
         should_stop: Callable[[list[TrialRecord]], bool] | None = None,
+        on_compile: Callable[[int, int], None] | None = None,
     ) -> StudyResult:
         """Run the search (the module doc's rules), then give the slot back."""
         try:
-            return _search(self, measurer, enqueue, on_progress, should_stop)
+            ahead = StudyBatches(measurer, self.shape, self.settings.compile_jobs, on_compile)
+            return _search(self, measurer, enqueue, on_progress, should_stop, ahead)
         finally:
             self.close()
 
@@ -299,6 +316,7 @@ def _search(
     enqueue: Sequence[KernelConfig],
     on_progress: Callable[[StudyResult], None] | None,
     should_stop: Callable[[list[TrialRecord]], bool] | None,
+    ahead: StudyBatches,
 ) -> StudyResult:
     study, leases, shape, space, slot = run.study, run.leases, run.shape, run.space, run.slot
     settings = run.settings
@@ -307,10 +325,9 @@ def _search(
     tracker = MeasuredTrials()
     tracker.refresh(study)
     measured = tracker.by_hash  # every measured config of the study: earlier runs and other processes too
-    for config in enqueue:
-        params = space.params_for(config)
-        if params is not None and config.hash not in measured:
-            study.enqueue_trial(params, skip_if_exists=True)
+    warm = [c for c in enqueue if space.params_for(c) is not None and c.hash not in measured]
+    for config in warm:
+        study.enqueue_trial(space.params_for(config), skip_if_exists=True)
 
     rng = random.Random(settings.seed if settings.seed is None else settings.seed + slot)
     owner = storage_mod.owner_tag()
@@ -366,6 +383,8 @@ def _search(
     def taken(config: KernelConfig) -> bool:  # being measured by another process now
         return lease_mod.holder_alive(leases.holder_of(lease_mod.CONFIG, config.hash))
 
+    done = measured_kernels()
+    ahead([c for c in warm if space.canonical(c).hash not in done], budget - tracker.count(slot))
     while tracker.count(slot) < budget and asks < settings.ask_limit:
         if kernels <= measured_kernels():
             break  # every feasible config (or its twin) is measured: the search is exhaustive
@@ -373,9 +392,10 @@ def _search(
         if climb and not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
             tracker.refresh(study)
             records = sorted(measured.values(), key=lambda r: r.number)
-            step = climb.propose(records, taken=taken)
-            if step is not None:  # None: a local optimum of the axes, the sampler proposes
-                study.enqueue_trial(space.params_for(step))
+            steps = climb.propose(records, taken=taken)
+            if steps:  # none: a local optimum of the axes, the sampler proposes
+                ahead(steps, budget - tracker.count(slot))  # the stage's moves, compiled as one batch
+                study.enqueue_trial(space.params_for(steps[0]))
         trial = study.ask(space.distributions)
         trial.set_user_attr("owner", owner)
         trial.set_user_attr("worker", slot)

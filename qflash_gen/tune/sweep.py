@@ -8,9 +8,9 @@ measured against (trials to reach within 3 % of the exhaustive best).  Run it on
 
 (or ``qflash-tune --exhaustive --record FILE ...``).  Shapes that share N, D and masking share
 one compile per config: each candidate is one worker job timing all of them, and the configs are
-compiled ahead by ``--compile-jobs`` parallel workers into Triton's on-disk cache, so the timed
-worker mostly loads binaries.  Every row is written (and fsynced) as soon as it is measured; a
-rerun on the same file skips what is there, so an interrupted sweep resumes.
+compiled ahead by ``--compile-jobs`` parallel workers into Triton's on-disk cache (:mod:`.ahead`),
+so the timed worker mostly loads binaries.  Every row is written (and fsynced) as soon as it is
+measured; a rerun on the same file skips what is there, so an interrupted sweep resumes.
 """
 
 from __future__ import annotations
@@ -18,14 +18,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from qflash_gen.config import KernelConfig
+from qflash_gen.tune.ahead import compile_ahead
 from qflash_gen.tune.measure.base import Measurement, Measurer, ShapeSpec
-from qflash_gen.tune.measure.gpu import GPUMeasurer
 from qflash_gen.tune.space import Grid, SearchSpace
 from qflash_gen.tune.table import Table, TableWriter, read_table
 
@@ -116,11 +115,7 @@ def run_plan(
     on_compiled: Callable[[KernelConfig, str | None], None] | None = None,
 ) -> int:
     """Measure everything in ``plan``, writing each row as it comes; returns rows written."""
-    if compile_jobs > 0 and isinstance(measurer, GPUMeasurer) and plan.todo:
-        try:
-            measurer.precompile([(c, shapes) for _, c, shapes in plan.todo], compile_jobs, on_compiled)
-        except Exception as exc:  # noqa: BLE001 - precompiling is an optimization only
-            print(f"qflash-tune: precompile skipped ({type(exc).__name__}: {exc})", file=sys.stderr)
+    compile_ahead(measurer, [(c, shapes) for _, c, shapes in plan.todo], compile_jobs, on_compiled)
     written = 0
     for _, config, shapes in plan.todo:
         results = measurer.measure_many(config, shapes)

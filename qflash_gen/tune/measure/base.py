@@ -219,7 +219,11 @@ class Measurer(abc.ABC):
     never raises for a bad candidate (a crash, a hang, a wrong result or an absent table row is a
     ``Measurement`` with ``correct=False`` and an ``error``).  ``gpu`` names the card the numbers
     come from; ``protocol`` says how they were taken (stored with every DB entry); ``provenance``
-    adds where they come from (a live GPU, or a recorded table and its sha256)."""
+    adds where they come from (a live GPU, or a recorded table and its sha256).
+
+    A backend that compiles its candidates also has ``precompile(items, jobs, progress)``
+    (:class:`~qflash_gen.tune.measure.gpu.GPUMeasurer`): :mod:`qflash_gen.tune.ahead` compiles
+    the batches a run knows ahead through it; a backend without it compiles nothing ahead."""
 
     gpu: str
 

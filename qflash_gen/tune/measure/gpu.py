@@ -46,6 +46,7 @@ class GPUMeasurer(Measurer):
         self.env = dict(env or {})
         self.runner = IsolatedRunner(target, timeout_s=timeout_s, env=self.env)
         self._environment: dict[str, Any] | None = None
+        self._compilers: list[IsolatedRunner] = []  # precompile's workers (started on first use)
 
     @property
     def protocol(self) -> dict[str, Any]:
@@ -91,13 +92,16 @@ class GPUMeasurer(Measurer):
         """Compile ``items`` in ``jobs`` parallel workers so the timed worker finds every binary in
         Triton's on-disk cache (a compile costs ~1-2 s of CPU; the timing ~0.1 s of GPU).
 
-        Returns ``{config hash: error}`` for those that failed to compile (they fail again, and
-        are recorded, when measured)."""
+        The compile workers stay up until :meth:`close`: a study compiles many small batches
+        (:mod:`qflash_gen.tune.ahead`), and starting a worker (Python, torch, Triton, a CUDA
+        context) costs seconds.  Returns ``{config hash: error}`` for those that failed to
+        compile (they fail again, and are recorded, when measured)."""
         errors: dict[str, str] = {}
         if not items or jobs < 1:
             return errors
-        runners = [IsolatedRunner(self.target, timeout_s=self.timeout_s, env=self.env) for _ in range(jobs)]
-        free = list(runners)
+        while len(self._compilers) < jobs:
+            self._compilers.append(IsolatedRunner(self.target, timeout_s=self.timeout_s, env=self.env))
+        free = self._compilers  # the idle workers; one is popped for a job and appended back after it
 
         def work(item: tuple[KernelConfig, Sequence[ShapeSpec]]) -> tuple[KernelConfig, str | None]:
             runner = free.pop()
@@ -107,17 +111,15 @@ class GPUMeasurer(Measurer):
             finally:
                 free.append(runner)
 
-        try:
-            with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-                for config, error in pool.map(work, items):
-                    if error:
-                        errors[config.hash] = error
-                    if progress is not None:
-                        progress(config, error)
-        finally:
-            for r in runners:
-                r.close()
+        with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+            for config, error in pool.map(work, items):
+                if error:
+                    errors[config.hash] = error
+                if progress is not None:
+                    progress(config, error)
         return errors
 
     def close(self) -> None:
         self.runner.close()
+        for runner in self._compilers:
+            runner.close()
