@@ -27,7 +27,7 @@ from bench import gpu_label, shape_of  # noqa: E402
 from qflash_gen import quant, quant_kernels  # noqa: E402
 
 VARIANTS = {  # name -> tile argument of quantize_heads, by head size class
-    197: [(256, 1, 4), (256, 1, 8), (256, 1, 16)],
+    197: [(256, 1, 4), (256, 1, 8), (256, 1, 16), (256, 1, 8, False)],  # False: the (groups, 3) grid
     49: [(64, 1, 4), (64, 2, 4), (64, 4, 4), (64, 4, 8), (64, 8, 8)],
 }
 
@@ -59,7 +59,11 @@ def bench_shape(name: str, batch: int) -> list[dict]:
     want_static = tuple(quant.quantize_groups(t, s) for t, s in ((q, sq), (k, sk), (v, sv)))
     default = quant_kernels.tile_plan(n, d)
     variants = [("default", None), ("chunked", False)]
-    variants += [(f"tile{t[0]}x{t[1]}w{t[2]}", t) for t in VARIANTS.get(n, []) if t[0] * t[1] * d <= 32768]
+    variants += [
+        (f"tile{t[0]}x{t[1]}w{t[2]}{'' if len(t) < 4 or t[3] else 'grid2d'}", t)
+        for t in VARIANTS.get(n, [])
+        if t[0] * t[1] * d <= 32768
+    ]
     rows = []
     for vname, tile in variants:
         for mode in ("dynamic", "static"):
