@@ -212,7 +212,7 @@ def quantize_heads(
     unless ``smooth=False``, softmax scale ``scale`` (default 1/sqrt(D)): the bits of
     ``quant.quantize_dynamic``.  Static: quantized at ``params``' scales (its groups), which are
     returned unchanged.  One launch, no sync, no input checks (``qflash_gen.attention`` and the
-    ops check q, k, v first).  ``tile``: the one-tile kernel's (BLOCK_N, GB, num_warps[, T_FAST]), or False
+    ops check q, k, v first).  ``tile``: the one-tile kernel's (BLOCK_N, GB, num_warps[, T_FAST[, register cap]]), or False
     for the chunked kernel (benchmarks and tests; default :func:`tile_plan`'s choice)."""
     b, h, n, d = q.shape
     dev = q.device
@@ -230,12 +230,12 @@ def quantize_heads(
                v.stride(0), v.stride(1), v.stride(2))  # fmt: skip
     plan = tile_plan(n, d, dynamic) if tile is None else tile
     if plan:
-        bn, gb, warps, *order = plan
-        t_fast = order[0] if order else True
+        bn, gb, warps, t_fast, max_regs = (*plan, *(True, 0)[len(plan) - 3 :])  # defaults: 1-D grid, no cap
         blocks = triton.cdiv(b * h, gb)
+        cap = {"maxnreg": max_regs} if max_regs else {}
         _quantize_tiles[(3 * blocks,) if t_fast else (blocks, 3)](
             q, k, v, *strides, q8, k8, v8, params.scales, *params.strides(), h, n, v8.stride(3), b * h,
-            BLOCK_N=bn, D=d, GB=gb, DYNAMIC=dynamic, SMOOTH_K=smooth, T_FAST=t_fast, num_warps=warps,
+            BLOCK_N=bn, D=d, GB=gb, DYNAMIC=dynamic, SMOOTH_K=smooth, T_FAST=t_fast, num_warps=warps, **cap,
         )  # fmt: skip
     else:
         _quantize_heads[(b * h, 3)](

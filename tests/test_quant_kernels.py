@@ -33,7 +33,13 @@ def _inputs(case, dtype, shape=(2, 3, 37, 32), seed=0):
 
 # The kernels quantize_heads picks from: the one-tile kernel (a head's N x D in registers; GB groups
 # per program, the last program partly masked when GB does not divide B * H) and the chunked one
-KERNELS = {"tile": None, "tile_gb4": (64, 4, 4), "tile_grid2d": (64, 2, 4, False), "chunked": False}
+KERNELS = {
+    "tile": None,
+    "tile_gb4": (64, 4, 4),
+    "tile_grid2d": (64, 2, 4, False),
+    "tile_capped": (64, 2, 4, True, 64),  # a register cap: the same bits (a launch option)
+    "chunked": False,
+}
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])

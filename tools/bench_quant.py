@@ -28,9 +28,16 @@ from bench import gpu_label, shape_of  # noqa: E402
 from qflash_gen import quant, quant_kernels  # noqa: E402
 
 VARIANTS = {  # name -> tile argument of quantize_heads, by head size class
-    197: [(256, 1, 4), (256, 1, 8), (256, 1, 16), (256, 1, 8, False)],  # False: the (groups, 3) grid
-    49: [(64, 1, 4), (64, 2, 4), (64, 4, 4), (64, 4, 8), (64, 8, 8)],
+    # (BLOCK_N, heads a program, warps[, 1-D grid[, register cap]]); False: the (groups, 3) grid
+    197: [(256, 1, 4), (256, 1, 8), (256, 1, 16), (256, 1, 8, False), (256, 1, 8, True, 80), (256, 1, 8, True, 64)],
+    49: [(64, 1, 4), (64, 2, 4), (64, 4, 4), (64, 4, 8), (64, 8, 8), (64, 2, 4, True, 80), (64, 2, 4, True, 64)],
 }
+
+
+def variant_name(t: tuple) -> str:
+    grid = "" if len(t) < 4 or t[3] else "grid2d"
+    cap = f"r{t[4]}" if len(t) > 4 and t[4] else ""
+    return f"tile{t[0]}x{t[1]}w{t[2]}{grid}{cap}"
 
 
 def packed_views(shape, seed=0):
@@ -60,11 +67,7 @@ def bench_shape(name: str, batch: int) -> list[dict]:
     want_static = tuple(quant.quantize_groups(t, s) for t, s in ((q, sq), (k, sk), (v, sv)))
     default = quant_kernels.tile_plan(n, d)
     variants = [("default", None), ("chunked", False)]
-    variants += [
-        (f"tile{t[0]}x{t[1]}w{t[2]}{'' if len(t) < 4 or t[3] else 'grid2d'}", t)
-        for t in VARIANTS.get(n, [])
-        if t[0] * t[1] * d <= 32768
-    ]
+    variants += [(variant_name(t), t) for t in VARIANTS.get(n, []) if t[0] * t[1] * d <= 32768]
     rows = []
     for vname, tile in variants:
         for mode in ("dynamic", "static"):
