@@ -14,10 +14,18 @@ longer pays for it).  Each float op is the IEEE one torch performs (``div_rn`` f
 round half to even by adding 1.5 * 2**23 and reading the integer off the bits, exact for
 |y| <= 127; integer sums), so the CPU interpreter and the GPU give torch's bits.
 
-Grid (groups, 3): program (g, t) handles tensor t (q, k or v) of group g, reading the head in
-CH-row chunks: one pass for max|x| (k smoothed: two more), one that quantizes and stores.  Few
-registers per thread and many small programs per SM.  This is not a template: the attention
-kernel's template hash and the tuning DB don't see it.
+Two kernels, one launch either way (``tile_plan`` picks):
+
+* one tile (``_quantize_tiles``), where a head's padded N x D fits 16,384 elements (ViT at 224
+  px, Swin windows): a program loads tensor t of GB heads once into registers and runs every pass
+  (max|x|; for k the int8 mean and max|x - mean|; quantize) there, then stores.  Programs 3i + t,
+  so q, k and v of the same heads run side by side (a packed projection's token rows are read
+  together).  On an H200 at ViT-B b=64: 73.7 us, against 140.9 for the chunked kernel and 21.5
+  for the bytes alone (docs/perf-notes.md, seventh session).
+* chunked (``_quantize_heads``), for longer sequences: program (g, t) reads the head in CH-row
+  chunks, one pass for max|x| (k smoothed: two more) and one that quantizes and stores.
+
+This is not a template: the attention kernel's template hash and the tuning DB don't see it.
 """
 
 from __future__ import annotations
