@@ -299,3 +299,30 @@ def test_closing_the_stream_early_closes_the_measurers_iterator():
         next(ready)
         assert not measurer.closed
     assert measurer.closed
+
+
+def test_an_interrupted_batch_precompile_returns_at_once(fake):
+    """A study's batch (GPUMeasurer.precompile, all compiled before measuring): Ctrl-C in it used
+    to wait for every queued compile."""
+    configs = [c for _, c, _ in _plan().todo]
+    (fake / "slow.json").write_text(json.dumps([c.to_dict() for c in configs[2:]]))
+    done = []
+
+    def progress(config, error):
+        done.append(config)
+        if len(done) == 2:
+            raise KeyboardInterrupt
+
+    measurer = _measurer(fake)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            measurer.precompile([(c, tuple(SHAPES)) for c in configs], 2, progress)
+        stopped_s = time.monotonic() - t0
+        pids = {pid for op, pid, _ in _events(fake) if op == "compiling"}
+        assert pids and all(_dead(p) for p in pids)
+        started = [c for op, _, c in _events(fake) if op == "compiling"]
+        assert len(started) <= 4  # the two fast ones, then one slow one per worker; the rest cancelled
+    finally:
+        measurer.close()
+    assert stopped_s < 10

@@ -8,7 +8,9 @@ only.  This module itself imports neither torch nor optuna.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -92,14 +94,17 @@ class GPUMeasurer(Measurer):
     ) -> dict[str, str]:
         """Compile all of ``items`` in ``jobs`` parallel workers (:meth:`precompile_iter`), then
         return ``{config hash: error}`` for those that failed to compile (they fail again, and
-        are recorded, when measured); ``progress(config, error)`` as each one finishes."""
+        are recorded, when measured); ``progress(config, error)`` as each one finishes.  A study's
+        batches (:class:`qflash_gen.tune.ahead.StudyBatches`) compile this way, before they are
+        measured; an interrupt stops the compiles at once."""
         errors: dict[str, str] = {}
-        for i, error in self.precompile_iter(items, jobs, ahead=len(items)):
-            config = items[i][0]
-            if error:
-                errors[config.hash] = error
-            if progress is not None:
-                progress(config, error)
+        with contextlib.closing(self.precompile_iter(items, jobs, ahead=len(items))) as compiled:
+            for i, error in compiled:  # an exception here (KeyboardInterrupt) stops the compiles at once
+                config = items[i][0]
+                if error:
+                    errors[config.hash] = error
+                if progress is not None:
+                    progress(config, error)
         return errors
 
     def precompile_iter(
@@ -125,8 +130,11 @@ class GPUMeasurer(Measurer):
         while len(self._compilers) < jobs:
             self._compilers.append(IsolatedRunner(self.target, timeout_s=self.timeout_s, env=self.env))
         free = list(self._compilers[:jobs])  # idle workers; one is popped for a job, appended back after
+        stop = threading.Event()
 
         def work(item: tuple[KernelConfig, Sequence[ShapeSpec]]) -> str | None:
+            if stop.is_set():
+                return "precompile stopped"
             runner = free.pop()
             try:
                 res = runner.run(self._job(item[0], item[1], "compile"))
@@ -147,10 +155,14 @@ class GPUMeasurer(Measurer):
                     yield pending.pop(future), future.result()
         finally:
             if pending:  # stopped early: nothing more to compile, and nothing to wait for
+                stop.set()
                 for future in pending:
                     future.cancel()
-                for runner in self._compilers:
-                    runner.interrupt()
+                # kill until the jobs in flight are done: one may have been starting its worker
+                while not all(future.done() for future in pending):
+                    for runner in self._compilers:
+                        runner.interrupt()
+                    concurrent.futures.wait(pending, timeout=0.05)
             pool.shutdown(wait=True, cancel_futures=True)
 
     def close(self) -> None:
