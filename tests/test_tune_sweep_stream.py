@@ -326,3 +326,29 @@ def test_an_interrupted_batch_precompile_returns_at_once(fake):
     finally:
         measurer.close()
     assert stopped_s < 10
+
+
+def test_ctrl_c_during_a_timed_job_kills_its_worker_and_the_runner_goes_on(tmp_path):
+    """The timed worker mid-measurement when SIGINT comes: no half-done job is left to wait for."""
+    from qflash_gen.tune.measure.isolation import IsolatedRunner
+
+    (tmp_path / "target.py").write_text("import os, time\n\ndef job(j):\n    time.sleep(j['s'])\n    return {'pid': os.getpid()}\n")
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    with IsolatedRunner(f"{tmp_path / 'target.py'}:job", timeout_s=120) as runner:
+        pid = runner.run({"s": 0}).result["pid"]
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0.3)
+            t0 = time.monotonic()
+            with pytest.raises(KeyboardInterrupt):
+                runner.run({"s": 60})
+            assert time.monotonic() - t0 < 5
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
+        assert _dead(pid)
+        again = runner.run({"s": 0})
+        assert again.ok and again.result["pid"] != pid
