@@ -215,6 +215,7 @@ def test_sigint_stops_a_cli_sweep_within_seconds_and_keeps_its_rows(fake):
     assert proc.returncode == 130, err
     assert stopped_s < 10, err
     assert "interrupted after" in err and "6 rows recorded into" in err and "the same command resumes" in err
+    assert f"qflash-tune: interrupted; the rows measured are in {record}, rerun to resume" in err
     assert "Traceback" not in err
     pids = {pid for _, pid, _ in _events(fake)}
     assert len(pids) == 3 and all(_dead(p) for p in pids)  # two compile workers, one timed worker

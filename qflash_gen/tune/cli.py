@@ -199,7 +199,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"qflash-tune: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("qflash-tune: interrupted; finished trials are in the study storage, rerun to resume", file=sys.stderr)
+        kept = f"the rows measured are in {args.record}" if args.exhaustive else "finished trials are in the study storage"
+        print(f"qflash-tune: interrupted; {kept}, rerun to resume", file=sys.stderr)
         return 130
 
 
