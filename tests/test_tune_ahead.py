@@ -208,7 +208,9 @@ def test_gpu_precompile_keeps_its_workers_between_batches_and_close_ends_them(tm
         measurer.close()
     failed = {c.hash for c in configs if c.block_m == 32}
     assert set(first) == set(second) == failed and all("out of resources" in e for e in first.values())
-    assert [c for c, _ in seen] == configs and [c.hash for c, e in seen if e] == [c.hash for c in configs if c.block_m == 32]
+    # progress comes as the compiles finish (any order), once per config
+    assert sorted(c.hash for c, _ in seen) == sorted(c.hash for c in configs)
+    assert {c.hash for c, e in seen if e} == failed
     pids = [int(p) for p in (tmp_path / "pids").read_text().split()]
     assert len(pids) == 8 and len(set(pids)) <= 2  # 8 jobs, two workers at most, started once
     for pid in set(pids):  # closed with the measurer

@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
                         what = f"FAILED: {m.error}"
                     print(f"{time.monotonic() - t0:6.0f} s  {s.label():<14} {config.short():<44} {what}", flush=True)
 
-            run_plan(plan, measurer, writer, compile_jobs=args.compile_jobs, on_config=done)
+            # compiled first, not streamed: the energy loops and idle spans need a quiet GPU
+            run_plan(plan, measurer, writer, compile_jobs=args.compile_jobs, on_config=done, stream=False)
         print(f"recorded {plan.n_measurements} rows in {time.monotonic() - t0:.0f} s into {args.record}")
     finally:
         measurer.close()

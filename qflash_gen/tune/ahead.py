@@ -1,16 +1,25 @@
-"""Compiling ahead: configs known before they are measured are compiled in parallel first.
+"""Compiling ahead: configs known before they are measured are compiled in parallel.
 
 On a GPU a trial costs ~2.7 s, almost all of it Triton's compile; the timing takes 0.1-0.3 s
-(issue 17).  Where a run knows a batch of configs before it measures them -- a sweep's whole
-plan (:mod:`.sweep`), a study's warm starts and each stage of its climb (:mod:`.study`,
-:mod:`.staged`) -- ``jobs`` worker processes first compile the batch into Triton's on-disk cache
-(``GPUMeasurer.precompile``), then the one timed worker measures the configs one by one and
-finds every binary there.  The batch compiles *before* its measurements, not beside them: the
-timings are taken on a host as quiet as without compiling ahead, and a config's numbers do not
-depend on ``--compile-jobs``.
+(issue 17).  Where a run knows configs before it measures them, ``jobs`` worker processes
+compile them into Triton's on-disk cache (``GPUMeasurer.precompile_iter``) and the one timed
+worker finds every binary there:
 
-Only a measurer that compiles has ``precompile`` (:class:`~.measure.gpu.GPUMeasurer`); a replayed
-table (``--simulate``) has none, and nothing changes there.  ``jobs`` 0 turns it off.  It is an
+* a sweep's whole plan (:mod:`.sweep`) *streams* (:func:`in_compile_order`): the timed worker
+  measures each config as soon as its compile is done, while the workers compile the next ones
+  (at most a few per worker ahead).  An interrupted sweep keeps every row it measured.  The
+  timings are then taken beside running compiles: on other CPU cores, and each compile worker
+  launches its kernel once on a batch-1/2 instance on the same GPU (docs/tuner-efficiency.md's
+  protocol note).  ``stream=False`` compiles everything first (the energy sweep: its idle spans
+  and energy loops must see a quiet GPU).
+* a study's warm starts and each stage of its climb (:mod:`.study`, :mod:`.staged`) compile as a
+  batch *before* they are measured (:class:`StudyBatches`), not beside them: a study's timings
+  are taken on a host as quiet as without compiling ahead.
+
+Either way the configs measured and their order do not depend on ``--compile-jobs`` (a sweep
+measures in the order the compiles finish, but measures the same configs).  Only a measurer that
+compiles has ``precompile`` (:class:`~.measure.gpu.GPUMeasurer`); a replayed table
+(``--simulate``) has none, and nothing changes there.  ``jobs`` 0 turns it off.  It is an
 optimization only: a config that fails to compile fails again, and is recorded, when measured;
 a precompile that breaks is reported and the run goes on, compiling as it measures.
 """
@@ -18,7 +27,7 @@ a precompile that breaks is reported and the run goes on, compiling as it measur
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from qflash_gen.config import KernelConfig
 from qflash_gen.tune.measure.base import Measurer, ShapeSpec
@@ -43,6 +52,52 @@ def compile_ahead(
         measurer.precompile(items, min(jobs, len(items)), progress)  # type: ignore[attr-defined]
     except Exception as exc:  # noqa: BLE001 - compiling ahead is an optimization only
         print(f"qflash-tune: precompile skipped ({type(exc).__name__}: {exc})", file=sys.stderr)
+
+
+def in_compile_order(
+    measurer: Measurer,
+    items: Sequence[tuple[KernelConfig, Sequence[ShapeSpec]]],
+    jobs: int,
+    progress: Callable[[KernelConfig, str | None], None] | None = None,
+    *,
+    stream: bool = True,
+) -> Iterator[tuple[KernelConfig, Sequence[ShapeSpec]]]:
+    """Each of ``items``, once, as soon as it is compiled: the order the ``jobs`` workers finish
+    them where the measurer streams (``precompile_iter``) and ``stream``; all of them compiled
+    first, then in order, where it only has ``precompile``; at once, in order, where it compiles
+    nothing ahead (``jobs`` 0, a replay).  ``progress(config, error)`` after each compile.
+
+    Close the iterator (``contextlib.closing``) when not running it to the end: that stops the
+    compiles at once.  A streaming precompile that breaks is reported; the items it has not
+    handed out follow in order, compiled as they are measured."""
+    if not compiles_ahead(measurer, jobs) or not items:
+        yield from items
+        return
+    stream_of = getattr(measurer, "precompile_iter", None)
+    if not stream or not callable(stream_of):
+        compile_ahead(measurer, items, jobs, progress)
+        yield from items
+        return
+    sent: set[int] = set()
+    compiled = iter(stream_of(items, min(jobs, len(items))))
+    try:
+        while True:
+            try:
+                i, error = next(compiled)
+            except StopIteration:
+                break
+            except Exception as exc:  # noqa: BLE001 - compiling ahead is an optimization only
+                print(f"qflash-tune: precompile stopped ({type(exc).__name__}: {exc})", file=sys.stderr)
+                break
+            if progress is not None:
+                progress(items[i][0], error)
+            sent.add(i)
+            yield items[i]
+    finally:
+        close = getattr(compiled, "close", None)
+        if close is not None:
+            close()
+    yield from (item for i, item in enumerate(items) if i not in sent)
 
 
 class StudyBatches:

@@ -139,9 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile-jobs",
         type=int,
         default=min(8, os.cpu_count() or 1),
-        help="parallel workers that compile configs before they are timed: a study's warm starts and each "
-        "stage of its climb, --exhaustive's whole grid (default min(8, CPUs); 0: compile each as it is "
-        "measured; GPU only, --simulate compiles nothing)",
+        help="parallel workers that compile configs ahead of their timing: a study's warm starts and each "
+        "stage of its climb (as a batch, before it is timed), --exhaustive's whole grid (streamed: each "
+        "config is timed as soon as it is compiled, beside the next compiles) (default min(8, CPUs); 0: "
+        "compile each as it is measured; GPU only, --simulate compiles nothing)",
     )
     p.add_argument("--dry-run", action="store_true", help="with --exhaustive: print the plan and the time estimate")
     p.add_argument("--timing", choices=TIMINGS, default="do_bench", help="latency protocol (default do_bench)")
@@ -198,7 +199,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"qflash-tune: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("qflash-tune: interrupted; finished trials are in the study storage, rerun to resume", file=sys.stderr)
+        kept = f"the rows measured are in {args.record}" if args.exhaustive else "finished trials are in the study storage"
+        print(f"qflash-tune: interrupted; {kept}, rerun to resume", file=sys.stderr)
         return 130
 
 

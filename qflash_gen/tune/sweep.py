@@ -7,14 +7,17 @@ measured against (trials to reach within 3 % of the exhaustive best).  Run it on
         --grid sweep --record tests/data/h100_sweep.csv
 
 (or ``qflash-tune --exhaustive --record FILE ...``).  Shapes that share N, D and masking share
-one compile per config: each candidate is one worker job timing all of them, and the configs are
-compiled ahead by ``--compile-jobs`` parallel workers into Triton's on-disk cache (:mod:`.ahead`),
-so the timed worker mostly loads binaries.  Every row is written (and fsynced) as soon as it is
-measured; a rerun on the same file skips what is there, so an interrupted sweep resumes.
+one compile per config: each candidate is one worker job timing all of them.  ``--compile-jobs``
+parallel workers compile the configs into Triton's on-disk cache while the one timed worker
+measures each config as soon as its compile is done (:func:`.ahead.in_compile_order`), so the
+timed worker mostly loads binaries and the GPU starts timing within seconds.  Every row is
+written (and fsynced) as soon as it is measured; a rerun on the same file skips what is there,
+so an interrupted sweep (``timeout -s INT``, Ctrl-C) keeps its rows and resumes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import random
@@ -23,15 +26,22 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from qflash_gen.config import KernelConfig
-from qflash_gen.tune.ahead import compile_ahead
+from qflash_gen.tune.ahead import compiles_ahead, in_compile_order
 from qflash_gen.tune.measure.base import Measurement, Measurer, ShapeSpec
 from qflash_gen.tune.space import Grid, SearchSpace
 from qflash_gen.tune.table import Table, TableWriter, read_table
 
-# Rough cost model for the printed estimate (H100, do_bench warmup 10 ms + rep 50 ms): a compile
-# of this kernel takes ~1.5 s of one CPU core, a measurement (oracle check + timing) ~0.12 s.
-EST_COMPILE_S = 1.5
+# Rough cost model for the printed estimate -- an estimate, not a measurement.  A compile of this
+# kernel: ~1.5 s of one CPU core on the H100 host; issue 17's H200 call had not compiled 2,664
+# configs after 379 s on 15 workers (> 2.1 s each), so 2.5 s.  A measurement (oracle check +
+# do_bench timing, warmup 10 ms + rep 50 ms): ~0.12 s (H100).  Starting the workers on a fresh
+# machine (Python, torch, Triton, a CUDA context) and the first compile: ~30 s.  With compile
+# workers the compiles run beside the measurements, so a config costs the larger of its share of
+# the compile workers' time and its measurements; without, the timed worker compiles it first.
+EST_COMPILE_S = 2.5
 EST_MEASURE_S = 0.12
+EST_START_S = 30.0
+CALL_S = 570.0  # one device call: under its 10-minute limit (timeout -s INT 570)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,9 +77,27 @@ class Plan:
     def n_configs(self) -> int:
         return len(self.todo)
 
+    def config_costs(self, compile_jobs: int) -> list[float]:
+        """Estimated seconds each config of ``todo`` adds (the module's cost model)."""
+        if compile_jobs > 0:
+            return [max(EST_COMPILE_S / compile_jobs, EST_MEASURE_S * len(s)) for _, _, s in self.todo]
+        return [EST_COMPILE_S + EST_MEASURE_S * len(s) for _, _, s in self.todo]
+
     def estimate_s(self, compile_jobs: int) -> float:
-        compile_s = self.n_configs * EST_COMPILE_S / max(1, compile_jobs)
-        return compile_s + self.n_measurements * EST_MEASURE_S
+        """Estimated wall time of the whole plan on a fresh machine (an estimate)."""
+        if not self.todo:
+            return 0.0
+        return EST_START_S + sum(self.config_costs(compile_jobs))
+
+    def fits(self, seconds: float, compile_jobs: int) -> tuple[int, int]:
+        """Estimated (configs, rows) of the plan a call of ``seconds`` on a fresh machine records."""
+        left, configs, rows = seconds - EST_START_S, 0, 0
+        for (_, _, shapes), cost in zip(self.todo, self.config_costs(compile_jobs), strict=True):
+            left -= cost
+            if left < 0:
+                break
+            configs, rows = configs + 1, rows + len(shapes)
+        return configs, rows
 
 
 def make_plan(
@@ -113,17 +141,23 @@ def run_plan(
     compile_jobs: int = 0,
     on_config: Callable[[KernelConfig, Sequence[ShapeSpec], list[Measurement]], None] | None = None,
     on_compiled: Callable[[KernelConfig, str | None], None] | None = None,
+    stream: bool = True,
 ) -> int:
-    """Measure everything in ``plan``, writing each row as it comes; returns rows written."""
-    compile_ahead(measurer, [(c, shapes) for _, c, shapes in plan.todo], compile_jobs, on_compiled)
+    """Measure everything in ``plan``, writing each row as it comes; returns rows written.
+
+    With ``compile_jobs`` workers each config is measured as soon as its compile is done while
+    the next ones compile (``stream``; ``stream=False``: all compiled first, the energy sweep).
+    An exception (``KeyboardInterrupt``) stops the compiles at once; the rows written stay."""
+    items = [(c, shapes) for _, c, shapes in plan.todo]
     written = 0
-    for _, config, shapes in plan.todo:
-        results = measurer.measure_many(config, shapes)
-        for s, m in zip(shapes, results, strict=True):
-            writer.write(measurer.gpu, s, config, m)
-            written += 1
-        if on_config is not None:
-            on_config(config, shapes, results)
+    with contextlib.closing(in_compile_order(measurer, items, compile_jobs, on_compiled, stream=stream)) as ready:
+        for config, shapes in ready:
+            results = measurer.measure_many(config, shapes)
+            for s, m in zip(shapes, results, strict=True):
+                writer.write(measurer.gpu, s, config, m)
+                written += 1
+            if on_config is not None:
+                on_config(config, shapes, results)
     return written
 
 
@@ -151,6 +185,8 @@ def sweep(
     if max_configs is not None:
         env["max_configs"] = max_configs
     env["grid"] = grid.to_dict()
+    if compiles_ahead(measurer, compile_jobs):  # the timings were taken beside running compiles
+        env["compile_jobs"] = compile_jobs
     if dry_run:  # plan against what the file holds, without creating or touching it
         existing = read_table(record) if Path(record).is_file() else None
         done = _Done(existing, measurer.gpu)
@@ -173,7 +209,8 @@ def sweep(
             console=console,
             disable=not progress or plain,
         ) as bar:
-            comp = bar.add_task("compile", total=plan.n_configs, status="precompiling", visible=compile_jobs > 0)
+            ahead = compiles_ahead(measurer, compile_jobs)
+            comp = bar.add_task("compile", total=plan.n_configs, status="compiling", visible=ahead)
             task = bar.add_task("measure", total=plan.n_measurements, status="")
             state = {"failed": 0, "rows": 0, "configs": 0, "compiled": 0}
 
@@ -200,7 +237,14 @@ def sweep(
                         )
                     )
 
-            run_plan(plan, measurer, writer, compile_jobs=compile_jobs, on_config=measured, on_compiled=compiled)
+            try:
+                run_plan(plan, measurer, writer, compile_jobs=compile_jobs, on_config=measured, on_compiled=compiled)
+            except KeyboardInterrupt:
+                console.print(
+                    f"interrupted after {time.monotonic() - t0:.0f} s: {state['rows']} rows recorded into {record} "
+                    f"({state['compiled']} configs compiled); the same command resumes"
+                )
+                raise
         console.print(f"recorded {plan.n_measurements} rows in {time.monotonic() - t0:.0f} s into {record}")
     return plan
 
@@ -226,5 +270,11 @@ def _describe(console, plan: Plan, record, n_done: int, compile_jobs: int) -> No
     console.print(
         f"to measure: {plan.n_configs} configs, {plan.n_measurements} measurements "
         f"({n_done} rows already in {record}); estimated {plan.estimate_s(compile_jobs) / 60:.1f} min "
-        f"on an H100 with --compile-jobs {compile_jobs}"
+        f"with --compile-jobs {compile_jobs} on a fresh machine"
     )
+    if plan.todo:
+        configs, rows = plan.fits(CALL_S, compile_jobs)
+        console.print(
+            f"estimate: a {CALL_S:.0f} s call records about {configs} configs ({rows} rows); "
+            "the cost model is in qflash_gen/tune/sweep.py"
+        )

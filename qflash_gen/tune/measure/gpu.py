@@ -8,8 +8,10 @@ only.  This module itself imports neither torch nor optuna.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from qflash_gen.config import KernelConfig
@@ -17,6 +19,7 @@ from qflash_gen.tune.measure.base import Measurement, Measurer, Protocol, ShapeS
 from qflash_gen.tune.measure.isolation import IsolatedRunner
 
 GPU_TARGET = "qflash_gen.tune.measure.gpu_jobs:run_job"
+AHEAD_PER_JOB = 4  # precompile_iter: items compiled ahead of the measurements, per compile worker
 
 
 class GPUMeasurer(Measurer):
@@ -89,35 +92,78 @@ class GPUMeasurer(Measurer):
         jobs: int,
         progress: Callable[[KernelConfig, str | None], None] | None = None,
     ) -> dict[str, str]:
-        """Compile ``items`` in ``jobs`` parallel workers so the timed worker finds every binary in
-        Triton's on-disk cache (a compile costs ~1-2 s of CPU; the timing ~0.1 s of GPU).
-
-        The compile workers stay up until :meth:`close`: a study compiles many small batches
-        (:mod:`qflash_gen.tune.ahead`), and starting a worker (Python, torch, Triton, a CUDA
-        context) costs seconds.  Returns ``{config hash: error}`` for those that failed to
-        compile (they fail again, and are recorded, when measured)."""
+        """Compile all of ``items`` in ``jobs`` parallel workers (:meth:`precompile_iter`), then
+        return ``{config hash: error}`` for those that failed to compile (they fail again, and
+        are recorded, when measured); ``progress(config, error)`` as each one finishes.  A study's
+        batches (:class:`qflash_gen.tune.ahead.StudyBatches`) compile this way, before they are
+        measured; an interrupt stops the compiles at once."""
         errors: dict[str, str] = {}
-        if not items or jobs < 1:
-            return errors
-        while len(self._compilers) < jobs:
-            self._compilers.append(IsolatedRunner(self.target, timeout_s=self.timeout_s, env=self.env))
-        free = self._compilers  # the idle workers; one is popped for a job and appended back after it
-
-        def work(item: tuple[KernelConfig, Sequence[ShapeSpec]]) -> tuple[KernelConfig, str | None]:
-            runner = free.pop()
-            try:
-                res = runner.run(self._job(item[0], item[1], "compile"))
-                return item[0], None if res.ok else res.error
-            finally:
-                free.append(runner)
-
-        with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-            for config, error in pool.map(work, items):
+        with contextlib.closing(self.precompile_iter(items, jobs, ahead=len(items))) as compiled:
+            for i, error in compiled:  # an exception here (KeyboardInterrupt) stops the compiles at once
+                config = items[i][0]
                 if error:
                     errors[config.hash] = error
                 if progress is not None:
                     progress(config, error)
         return errors
+
+    def precompile_iter(
+        self,
+        items: Sequence[tuple[KernelConfig, Sequence[ShapeSpec]]],
+        jobs: int,
+        ahead: int | None = None,
+    ) -> Iterator[tuple[int, str | None]]:
+        """Compile ``items`` in ``jobs`` parallel workers so the timed worker finds every binary in
+        Triton's on-disk cache (a compile costs ~1-3 s of CPU; the timing ~0.1 s of GPU); yield
+        ``(index into items, error or None)`` for each as soon as its compile is done (in the
+        order they finish), so the caller measures it while the others compile.
+
+        At most ``ahead`` items (default ``AHEAD_PER_JOB * jobs``) are compiling or compiled and
+        not yet handed out: compiles run ahead of the measurements, not arbitrarily far.  The
+        compile workers stay up until :meth:`close` (a study compiles many small batches, and
+        starting a worker -- Python, torch, Triton, a CUDA context -- costs seconds).  Closing the
+        iterator early (the caller's ``KeyboardInterrupt``, an error, ``close()``) cancels the
+        compiles not started and kills those running, so it returns at once."""
+        if not items or jobs < 1:
+            return
+        ahead = max(jobs, AHEAD_PER_JOB * jobs if ahead is None else ahead)
+        while len(self._compilers) < jobs:
+            self._compilers.append(IsolatedRunner(self.target, timeout_s=self.timeout_s, env=self.env))
+        free = list(self._compilers[:jobs])  # idle workers; one is popped for a job, appended back after
+        stop = threading.Event()
+
+        def work(item: tuple[KernelConfig, Sequence[ShapeSpec]]) -> str | None:
+            if stop.is_set():
+                return "precompile stopped"
+            runner = free.pop()
+            try:
+                res = runner.run(self._job(item[0], item[1], "compile"))
+                return None if res.ok else res.error
+            finally:
+                free.append(runner)
+
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="qflash-compile")
+        pending: dict[concurrent.futures.Future[str | None], int] = {}  # submitted, not handed out yet
+        nxt = 0
+        try:
+            while nxt < len(items) or pending:
+                while nxt < len(items) and len(pending) < ahead:
+                    pending[pool.submit(work, items[nxt])] = nxt
+                    nxt += 1
+                done, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+                for future in sorted(done, key=pending.__getitem__):
+                    yield pending.pop(future), future.result()
+        finally:
+            if pending:  # stopped early: nothing more to compile, and nothing to wait for
+                stop.set()
+                for future in pending:
+                    future.cancel()
+                # kill until the jobs in flight are done: one may have been starting its worker
+                while not all(future.done() for future in pending):
+                    for runner in self._compilers:
+                        runner.interrupt()
+                    concurrent.futures.wait(pending, timeout=0.05)
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def close(self) -> None:
         self.runner.close()

@@ -145,6 +145,19 @@ class IsolatedRunner:
         except (OSError, ValueError):
             return ""
 
+    def interrupt(self) -> None:
+        """Kill the worker now, from any thread: the job in flight (if any) fails as crashed in
+        the thread running it, and the next job starts a fresh worker.  For stopping a pool of
+        compile workers at once (:meth:`GPUMeasurer.precompile_iter`); the runner's own state is
+        left to the thread that runs it."""
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
     def close(self) -> None:
         """Stop the worker (idempotent)."""
         if self._proc is not None and self._proc.poll() is None:
@@ -224,6 +237,14 @@ class IsolatedRunner:
             error = self._describe_death()
             self._kill()
             return JobResult(ok=False, error=error, crashed=True, seconds=time.monotonic() - t0)
+        try:
+            return self._await(job_id, t0)
+        except BaseException:  # KeyboardInterrupt mid-job: no half-done job left behind, no wait on it
+            self._kill()
+            raise
+
+    def _await(self, job_id: int, t0: float) -> JobResult:
+        assert self._proc is not None
         while True:
             left = self.timeout_s - (time.monotonic() - t0)
             msg = self._read_message(max(0.0, left))
