@@ -82,3 +82,21 @@ def assert_bit_equal(got: torch.Tensor, want: torch.Tensor) -> None:
         bad = (~same).nonzero()[:5].tolist()
         diffs = [(idx, got[tuple(idx)].item(), want[tuple(idx)].item()) for idx in bad]
         raise AssertionError(f"{int((~same).sum())} of {same.numel()} elements differ; first: {diffs}")
+
+
+def shipped_db_of(monkeypatch, folder, *gpus: str) -> None:
+    """Make the shipped DB hold only these GPUs' shipped files (copied into ``folder``): for tests
+    that replay one card's recorded table with that card's shipped entries as the runtime's pick,
+    whatever other cards' files ship later (an H200 file makes the ladder serve its fresh-template
+    entries to an H100 ahead of the H100's older-template ones)."""
+    import shutil
+
+    from qflash_gen import db
+    from qflash_gen.db import store
+
+    real = db.shipped_db_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    for gpu in gpus:
+        shutil.copy(real / db.file_name(gpu), folder / db.file_name(gpu))
+    monkeypatch.setattr(db, "shipped_db_dir", lambda: folder)
+    monkeypatch.setattr(store, "shipped_db_dir", lambda: folder)

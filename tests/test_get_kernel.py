@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 
 import pytest
 import torch
@@ -236,19 +237,28 @@ def test_the_ladder_climbs_tier_by_tier(tdb):
     assert kern.why == "sibling:h100:exact:template-ffffffff" and kern.config == c
 
 
-def test_the_shipped_db_serves_this_triton():
-    """issue 20: the shipped H100 entries (tuned under another Triton and template) are used, on
-    the H100 and, through the sibling step or its own file, on the H200; .why names the Triton."""
+def test_the_shipped_db_serves_this_triton(tmp_path):
+    """issue 20: the shipped H100 entries (tuned under another Triton and template) are used on
+    the H100 (its file alone here: with the H200's file beside it, whose entries are of the
+    current template, the ladder serves those first); the H200 reads its own shipped file, or
+    the H100's through the sibling step; .why names the Triton."""
     kernel.clear_cache()
-    shipped = db.TuningDB([db.shipped_db_dir()])
-    kern = kernel.get_kernel((64, 12, 197, 64), gpu="h100", db=shipped)
-    assert kern.why != "default" and kern.entry is not None and kern.origin.parent == db.shipped_db_dir()
+    shipped_dir = db.shipped_db_dir()
+    shutil.copy(shipped_dir / "h100.yaml", tmp_path / "h100.yaml")
+    kern = kernel.get_kernel((64, 12, 197, 64), gpu="h100", db=db.TuningDB([tmp_path]))
+    assert kern.why != "default" and kern.entry is not None and kern.origin == tmp_path / "h100.yaml"
     label = db.software_label(kern.entry.software)
     assert kern.why == ("exact" if not label else f"exact:{label}")
     if db.triton_minor(kern.entry.software["triton"]) != db.triton_minor(db.running_software()["triton"]):
         assert f"triton-{db.triton_minor(kern.entry.software['triton'])}" in kern.why
-    h200 = kernel.get_kernel((64, 12, 197, 64), gpu="h200", db=shipped)
+    kernel.clear_cache()
+    h200 = kernel.get_kernel((64, 12, 197, 64), gpu="h200", db=db.TuningDB([shipped_dir]))
     assert h200.why != "default" and h200.entry is not None
+    if (shipped_dir / "h200.yaml").is_file():
+        label = db.software_label(h200.entry.software)
+        assert h200.origin == shipped_dir / "h200.yaml" and h200.why == ("exact" if not label else f"exact:{label}")
+    else:
+        assert h200.why.startswith("sibling:h100:")
 
 
 def test_a_fallback_step_is_logged_once(tdb, caplog):

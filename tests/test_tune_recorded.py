@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import shipped_db_of
 
-from qflash_gen import workloads
+from qflash_gen import db, workloads
 from qflash_gen.config import KernelConfig
 from qflash_gen.tune import cli, setup
 from qflash_gen.tune.measure import ShapeSpec
@@ -99,13 +100,16 @@ def test_table_covers_the_issue_shapes(table):
 
 
 @pytest.mark.parametrize("warm_start", ["db", "none"])
-def test_simulated_tuning_reaches_the_recorded_best(table, tmp_path, capsys, warm_start):
+def test_simulated_tuning_reaches_the_recorded_best(table, tmp_path, capsys, warm_start, monkeypatch):
     """``qflash-tune --simulate`` as a user runs it (default options, an empty --db: ``db``) and
     from a cold start (``--warm-start none``), with a budget of 20 % of each shape's configs.
 
     The search is judged only on shapes whose starting point (every warm start, looked up in the
     table) is not already within 3 % of the table's best: elsewhere the first trial passes.  The
-    default run still tunes every shape (its entry must be as good); the cold run only the hard ones."""
+    default run still tunes every shape (its entry must be as good); the cold run only the hard ones.
+    The runtime's pick comes from the table's own card's shipped file (``shipped_db_of``)."""
+    own = [GPU] if (db.shipped_db_dir() / db.file_name(GPU)).is_file() else []
+    shipped_db_of(monkeypatch, tmp_path / "shipped", *own)
     checked, trivial = [], []
     for shape in table.shapes(GPU):
         best = table.best(GPU, shape, FLOOR)
