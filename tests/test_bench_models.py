@@ -75,3 +75,21 @@ def test_cuda_graph_and_launches(tool, tmp_path):
         assert r["error"] == "", (mode, impl, r["error"])
         assert float(r["ms"]) > 0 and int(r["launches"]) > 0 and int(r["launch_calls"]) > 0
         assert float(r["cosine"]) > (0.999 if impl == "sdpa" else 0.99)
+
+
+def test_device_time_splits_a_forward_by_kind_of_kernel(tool):
+    """The profiled forward's kernels -> ms per kind (first matching pattern), total, top list."""
+    got = tool.device_time(
+        [
+            ("_qflash_fwd", 500.0),
+            ("_quantize_tiles", 300.0),
+            ("sm90_xmma_gemm_f16f16_f32", 1000.0),
+            ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", 400.0),
+            ("vectorized_layer_norm_kernel", 100.0),
+            ("_qflash_fwd", 500.0),
+        ],
+        top=2,
+    )
+    assert got["dev_ms"] == 2.8 and got["dev_qflash_ms"] == 1.0 and got["dev_quant_ms"] == 0.3
+    assert got["dev_gemm_ms"] == 1.0 and got["dev_sdpa_ms"] == 0.4 and got["dev_other_ms"] == 0.1
+    assert got["top_kernels"] == "_qflash_fwd 1000; sm90_xmma_gemm_f16f16_f32 1000"

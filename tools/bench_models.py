@@ -19,7 +19,9 @@ Per row also: ``cosine`` of the logits vs SDPA's (flattened, float32; graph rows
 output), ``launches`` (device kernels in one profiled eager forward: torch.profiler with CUDA
 activity, events of kineto category "kernel", so no memcpy/memset/sync) and ``launch_calls`` (host
 launch API calls in that forward: profiler events named cudaLaunchKernel*/cuLaunchKernel*; Triton
-launches through the driver's cuLaunchKernelEx).  Both are empty on CPU.  A failing row is written
+launches through the driver's cuLaunchKernelEx), and that forward's device time by kind of kernel
+(``dev_*_ms``: qflash attention, its quantizer, SDPA, GEMMs, other; ``top_kernels``).  All are
+empty on CPU.  A failing row is written
 with its ``error`` and the run goes on; the CSV is written row by row.
 Writes <out>/models-<gpu><tag>.csv and .md.
 """
@@ -54,7 +56,17 @@ MODELS = {
 IMPLS = ("sdpa", "qflash_dynamic", "qflash_static")
 MODES = ("eager", "graph")
 FIELDS = ["gpu", "model", "img", "N", "heads", "layers", "batch", "mode", "impl", "ms", "ratio_vs_sdpa", "cosine"]
-FIELDS += ["launches", "launch_calls", "error"]
+FIELDS += ["launches", "launch_calls"]
+# Device time of the profiled eager forward, ms, by kind of kernel (first pattern that matches the
+# kernel's name): where a forward's GPU time goes, so a model's gap can be split into attention,
+# quantizer and everything else.
+KINDS = {
+    "qflash": re.compile(r"_qflash_fwd"),
+    "quant": re.compile(r"_quantize_(tiles|heads)"),
+    "sdpa": re.compile(r"flash|fmha|sdpa|attention|attn", re.I),
+    "gemm": re.compile(r"gemm|gemv|nvjet|xmma|cutlass|cublas", re.I),
+}
+FIELDS += ["dev_ms"] + [f"dev_{k}_ms" for k in KINDS] + ["dev_other_ms", "top_kernels", "error"]
 LAUNCH_CALL = re.compile(r"^cu(da)?LaunchKernel")
 
 
@@ -141,8 +153,9 @@ def capture(fn, warmup: int):
     return graph, out
 
 
-def count_launches(fn) -> tuple[int | str, int | str]:
-    """(device kernels, host launch API calls) in one call of fn, from torch.profiler ("" if it fails)."""
+def count_launches(fn) -> dict:
+    """Device kernels, host launch API calls and the device-time breakdown (:func:`device_time`)
+    of one call of fn, from torch.profiler (empty if it fails)."""
     from torch.profiler import ProfilerActivity, profile
 
     try:
@@ -153,10 +166,27 @@ def count_launches(fn) -> tuple[int | str, int | str]:
         events = prof.events()
     except Exception as exc:  # (no CUPTI, say: the row keeps its times)
         print(f"  launch count failed: {error_text(exc)}", flush=True)
-        return "", ""
-    kernels = sum(_is_kernel(e) for e in events)
+        return {}
+    kernels = [e for e in events if _is_kernel(e)]
     calls = sum(e.device_type == DeviceType.CPU and bool(LAUNCH_CALL.match(e.name)) for e in events)
-    return int(kernels), int(calls)
+    times = [(e.name, getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)) for e in kernels]
+    return {"launches": len(kernels), "launch_calls": int(calls), **device_time(times)}
+
+
+def device_time(kernels: list[tuple[str, float]], top: int = 5) -> dict:
+    """``(name, µs)`` of each kernel run -> ms in total and per kind (:data:`KINDS`, else other),
+    and the ``top`` kernels by time (short names, µs) as one string."""
+    out = {"dev_ms": 0.0, **{f"dev_{k}_ms": 0.0 for k in KINDS}, "dev_other_ms": 0.0}
+    by_name: dict[str, float] = {}
+    for name, us in kernels:
+        kind = next((k for k, pat in KINDS.items() if pat.search(name)), "other")
+        out[f"dev_{kind}_ms"] += us / 1e3
+        out["dev_ms"] += us / 1e3
+        by_name[name] = by_name.get(name, 0.0) + us
+    out = {k: round(v, 4) for k, v in out.items()}
+    ranked = sorted(by_name.items(), key=lambda t: -t[1])[:top]
+    out["top_kernels"] = "; ".join(f"{n[:60]} {us:.0f}" for n, us in ranked)
+    return out
 
 
 def _is_kernel(e) -> bool:
@@ -188,7 +218,7 @@ def bench_impl(name, impl, base, x, ref, modes, sdpa_ms, base_row, args, emit) -
         out = fwd()
         sync(args.device)
         cos = cosine(out, ref)
-        launches = count_launches(fwd) if args.device == "cuda" else ("", "")
+        profiled = count_launches(fwd) if args.device == "cuda" else {}
     except Exception as exc:  # (OOM, an unsupported model, a broken impl: record, go on)
         print(f"  {name} b={base_row['batch']} {impl}: {error_text(exc)}", flush=True)
         for row in rows:
@@ -196,7 +226,7 @@ def bench_impl(name, impl, base, x, ref, modes, sdpa_ms, base_row, args, emit) -
         _free(args.device)
         return
     for row in rows:
-        row.update(cosine=cos, launches=launches[0], launch_calls=launches[1])
+        row.update(cosine=cos, **profiled)
         graph = gout = None
         try:
             if row["mode"] == "eager":
@@ -256,6 +286,15 @@ def markdown(rows: list[dict], header: str) -> str:
                 ms = fmt(r.get("ms"), ".3f") or ("err" if r else "")
                 ratio = fmt(r.get("ratio_vs_sdpa"), ".2f")
                 cells += [ms, ratio and ratio + "×", fmt(r.get("launches"), "d"), extra, fmt(r.get("cosine"), ".5f")]
+            out.append("| " + " | ".join(str(c) for c in cells) + " |")
+    profiled = [r for r in rows if r["mode"] == MODES[0] and r.get("dev_ms") not in ("", None)]
+    if profiled:
+        kinds = [*KINDS, "other"]
+        out += ["", "## device time of one profiled eager forward (ms)", ""]
+        out += ["| model | batch | impl | total | " + " | ".join(kinds) + " |", "|---" * (4 + len(kinds)) + "|"]
+        for r in profiled:
+            cells = [r["model"], r["batch"], r["impl"], fmt(r["dev_ms"], ".3f")]
+            cells += [fmt(r.get(f"dev_{k}_ms"), ".3f") for k in kinds]
             out.append("| " + " | ".join(str(c) for c in cells) + " |")
     errors = [r for r in rows if r.get("error")]
     if errors:
