@@ -75,12 +75,15 @@ class HeadToHead:
         return self.best_median is not None and self.current_median is not None
 
     def describe(self, unit: str = "us") -> str:
-        """``head-to-head (3 rounds each, alternating): 8.80 vs 8.91 us`` (best vs current)."""
+        """``head-to-head, 3 rounds each, alternating: best 8.80 vs current 8.91 us (medians)``."""
         b, c = self.best_median, self.current_median
         if b is None or c is None:
-            return f"head-to-head ({self.rounds} rounds each): a round failed"
+            return f"head-to-head, {self.rounds} rounds each: a round failed"
         value = (lambda m: m.energy_uj) if unit == "uJ" else (lambda m: m.latency_us)
-        return f"head-to-head ({self.rounds} rounds each, alternating, medians): {value(b):.2f} vs {value(c):.2f} {unit}"
+        return (
+            f"head-to-head, {self.rounds} rounds each, alternating: "
+            f"best {value(b):.2f} vs current {value(c):.2f} {unit} (medians)"
+        )
 
     def to_attr(self) -> dict[str, Any]:
         return {
