@@ -288,8 +288,10 @@ def _by_head_to_head(
         in_study = f"; the study's one measurement of it: {_value(first, objective):.2f}"
     if _value(cur, objective) - _value(best, objective) <= tie_tolerance(b, c, objective):
         keep = "the DB keeps it, nothing written" if current.why == "exact" else "written as this GPU's exact entry"
-        how = "is the fastest measured" if _value(cur, objective) <= _value(best, objective) else "ties with the best"
-        note = f"{what} {how} ({said}{in_study}; a tie: within max(1 %, the spreads), <= 2 %): {keep}"
+        if _value(cur, objective) <= _value(best, objective):
+            note = f"{what} is the fastest measured ({said}{in_study}): {keep}"
+        else:
+            note = f"{what} ties with the best ({said}{in_study}; a tie: within max(1 %, the spreads), <= 2 %): {keep}"
         return Verdict(cur, current.why != "exact", cur, default, note, objective, current.why, duel)
     ratio = _value(cur, objective) / _value(best, objective)
     note = f"improves on {what} by {ratio:.2f}x ({said}{in_study})"
