@@ -298,3 +298,15 @@ def test_the_timed_worker_warms_once_before_its_first_timing_and_after_a_restart
     assert [w for w, pid in events if pid == pids[0]] == ["warmup", "measure", "measure"]
     assert [w for w, pid in events if pid == pids[1]] == ["warmup", "measure"]
     assert len(measurer.warmups) == 2 and measurer.warmups[0]["sm_clock_mhz"] == [345.0, 1980.0]
+
+
+def test_a_failed_round_leaves_the_decision_to_the_studys_records_and_says_so():
+    space = _space()
+    current, other = _two(space)
+    gpu = ColdGPU({current.hash: 12.6}, cold=0)
+    _, result = _study_of(gpu, space, current, other)
+    fine = Measurement(latency_us=BEST_US, spread_us=0.05, sqnr_db=40.0, correct=True)
+    duel = HeadToHead(other, current, (fine,) * 3, (fine, Measurement.failed("worker was killed by SIGKILL"), fine))
+    v = incumbent.judge(result, space, incumbent.CurrentPick(current, "exact"), floor=FLOOR, duel=duel)
+    assert v.pick.config == other and v.head_to_head is None
+    assert v.note.endswith("(in the study's records; head-to-head, 3 rounds each: a round failed)")
