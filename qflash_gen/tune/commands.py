@@ -63,16 +63,17 @@ class Search(Command):
                 for p, run in zip(plans, runs, strict=True)
             }
             _search_all(args, measurer, plans, runs, results, err)
+            duels = self.heads_to_heads(args, measurer, runs, results, currents, err)
         finally:
             for run in runs:
                 run.close()
         if args.no_db:
             written = None
-            verdicts = verdicts_for(args, results, currents)
+            verdicts = verdicts_for(args, results, currents, duels)
         else:
             records = {r.study_name: record for r, _ in results}
             written = write_winners(
-                args, measurer.gpu, dtype, results, records, storage, storage_desc, err, currents=currents
+                args, measurer.gpu, dtype, results, records, storage, storage_desc, err, currents=currents, duels=duels
             )
             results, verdicts = written.results, written.verdicts
         summary_table(args, measurer.gpu, measurer.provenance.get("source"), results, out, verdicts)
@@ -83,6 +84,26 @@ class Search(Command):
             print(f"qflash-tune: error: {written.error}", file=sys.stderr)
             return 1
         return 0 if all(r.best is not None for r, _ in results) else 1
+
+    @staticmethod
+    def heads_to_heads(args: argparse.Namespace, measurer: Any, runs: list, results: list, currents: dict, err: Any) -> dict:
+        """Each study's final head-to-head of its best and the current pick (a GPU measurer's:
+        :func:`.incumbent.head_to_head`), by study name; none with a replayed table."""
+        from rich.markup import escape
+
+        from qflash_gen.tune import incumbent
+
+        duels = {}
+        for run, (r, space) in zip(runs, results, strict=True):
+            current = currents.get(r.study_name)
+            duel = incumbent.head_to_head(
+                run.study, r, space, current, measurer, floor=args.sqnr_floor, objective=args.objective
+            )
+            if duel is not None:
+                duels[r.study_name] = duel
+                if not err.is_terminal and not args.quiet:
+                    err.print(escape(f"{r.shape.label()}: best vs the runtime's pick, {duel.describe()}"))
+        return duels
 
     @staticmethod
     def replayable(args: argparse.Namespace, measurer: Any, shapes: list, err: Any) -> list:
@@ -244,7 +265,7 @@ def _export(args: argparse.Namespace, shapes: list) -> int:
         grid = get_grid(args.grid or "tune")
     out, err = consoles()
     storage, storage_desc = open_storage_arg(args)
-    results, records, currents = [], {}, {}
+    results, records, currents, duels = [], {}, {}, {}
     for s, space, name, _ in make_plans(args, gpu, dtype, shapes, grid, enqueue_db=False):
         try:
             r = study.load_result(storage, name, s, space, objective=args.objective, sqnr_floor=args.sqnr_floor)
@@ -254,6 +275,7 @@ def _export(args: argparse.Namespace, shapes: list) -> int:
         attrs = as_backend(storage).get_study_user_attrs(r.study_id)
         record = attrs.get("measurer")
         currents[name] = incumbent.CurrentPick.from_attr(attrs.get(incumbent.CURRENT_ATTR))
+        duels[name] = incumbent.stored_head_to_head(attrs)
         if not record:
             raise UsageError(
                 f"--export: study {name} does not record how it was measured (tuned by an older qflash-tune); "
@@ -267,7 +289,7 @@ def _export(args: argparse.Namespace, shapes: list) -> int:
             "--dtype, --grid, --objective and --study (they name the study)"
         )
     written = write_winners(
-        args, gpu, dtype, results, records, storage, storage_desc, err, currents=currents, force=True
+        args, gpu, dtype, results, records, storage, storage_desc, err, currents=currents, duels=duels, force=True
     )
     summary_table(args, gpu, "export", written.results, out, written.verdicts)
     report_db(out, written.report, written.fronts, written.notes)

@@ -14,8 +14,16 @@ lookup.  So each study
   a sibling, a nearer bucket or the default is written as this GPU's exact entry, with the
   measurement taken here), and the summary says which.
 
-The pick is stored on the study (``user_attrs["current_pick"]``), so ``--export`` and the other
-processes of a tuning farm judge against the same one.
+On a GPU, one measurement of the current pick taken first in a study can be a cold one, so the
+decision there rests on a final head-to-head instead (:mod:`.headtohead`, :func:`head_to_head`):
+the study's best and the current pick measured again, alternating, and compared by their
+medians; where they are within noise of each other (the tie rule of :mod:`.objective`:
+``TIE_REL_MIN`` / ``TIE_REL_MAX``) the current pick is kept as above, and ``vs current`` is the
+ratio of the two medians.  A replayed table (``--simulate``) decides from the study's records.
+
+The pick is stored on the study (``user_attrs["current_pick"]``), and so is the head-to-head
+(``user_attrs["head_to_head"]``), so ``--export`` and the other processes of a tuning farm judge
+against the same one.
 """
 
 from __future__ import annotations
@@ -27,11 +35,13 @@ from typing import Any
 
 from qflash_gen import db
 from qflash_gen.config import KernelConfig, default_config
+from qflash_gen.tune import headtohead
+from qflash_gen.tune.headtohead import HEAD_TO_HEAD_ATTR, HeadToHead
 from qflash_gen.tune.measure.base import Measurement, Measurer, ShapeSpec
 from qflash_gen.tune.measure.simulate import NOT_RECORDED
 from qflash_gen.tune.objective import has_values, metric
 from qflash_gen.tune.space import SearchSpace
-from qflash_gen.tune.trials import StudyResult, TrialRecord
+from qflash_gen.tune.trials import StudyResult, TrialRecord, tie_tolerance
 
 CURRENT_ATTR = "current_pick"  # study user attribute
 
@@ -130,6 +140,39 @@ def in_space(config: KernelConfig, space: SearchSpace) -> bool:
     return space.params_for(space.canonical(config)) is not None
 
 
+def head_to_head(
+    study: Any,
+    result: StudyResult,
+    space: SearchSpace,
+    current: CurrentPick | None,
+    measurer: Measurer,
+    *,
+    floor: float,
+    objective: str = "latency",
+) -> HeadToHead | None:
+    """The final head-to-head of the study's best and the current pick (:mod:`.headtohead`),
+    measured now and stored on the Optuna ``study``; None (nothing measured) for a measurer
+    without rounds (a replayed table), without a best or a current pick, where they are one
+    config, or where the current pick fails in the study (it is replaced without a contest)."""
+    best = result.best
+    if measurer.head_to_head_rounds < 1 or best is None or current is None:
+        return None
+    if space.equivalent(best.config, current.config):
+        return None
+    cur = _find(result, space, current.config)
+    m = cur.measurement if cur is not None else current.measurement
+    if m is None or not (m.feasible(floor) and has_values(m, objective)):
+        return None
+    duel = headtohead.measure(measurer, result.shape, best.config, current.config)
+    study.set_user_attr(HEAD_TO_HEAD_ATTR, duel.to_attr())
+    return duel
+
+
+def stored_head_to_head(attrs: Mapping[str, Any]) -> HeadToHead | None:
+    """The head-to-head stored on a study (its ``user_attrs``), for ``--export``."""
+    return HeadToHead.from_attr(attrs.get(HEAD_TO_HEAD_ATTR))
+
+
 @dataclasses.dataclass(frozen=True)
 class Verdict:
     """What a study's DB entry is, and what it improves on.
@@ -146,6 +189,7 @@ class Verdict:
     note: str
     objective: str = "latency"
     current_why: str | None = None  # Kernel.why of the runtime's pick (None: not looked up)
+    head_to_head: HeadToHead | None = None  # the decision's evidence where there was one (pick, current: its medians)
 
     def ratio(self, other: TrialRecord | None) -> float | None:
         """``other``'s value over the pick's (> 1: the pick is faster)."""
@@ -164,10 +208,17 @@ def _find(result: StudyResult, space: SearchSpace, config: KernelConfig) -> Tria
 
 
 def judge(
-    result: StudyResult, space: SearchSpace, current: CurrentPick | None, *, floor: float, objective: str = "latency"
+    result: StudyResult,
+    space: SearchSpace,
+    current: CurrentPick | None,
+    *,
+    floor: float,
+    objective: str = "latency",
+    duel: HeadToHead | None = None,
 ) -> Verdict:
     """The DB entry of a study: its pick, unless the runtime's current pick measured at least as
-    fast in the same study (see the module doc)."""
+    fast in the same study (see the module doc); with a head-to-head of this best and this
+    current pick (``duel``), from its medians instead, a tie keeping the current pick."""
     n, d = result.shape.n, result.shape.d
     default = _find(result, space, default_config(n, d))
     cur = None
@@ -197,9 +248,51 @@ def judge(
     if not (m.feasible(floor) and has_values(m, objective)):
         why = m.error if not m.ok else f"SQNR {m.sqnr_db:.1f} dB below the {floor:g} dB floor"
         return verdict(best, True, f"{what} fails here ({why}); the entry replaces it")
+    after = ""
+    if duel is not None and duel.best == best.config and duel.current == current.config:
+        decided = _by_head_to_head(duel, best, cur, default, current, what, objective)
+        if decided is not None:
+            return decided
+        after = f" (in the study's records; {duel.describe()})"
     if space.equivalent(best.config, cur.config) or _value(cur, objective) <= _value(best, objective):
         if current.why == "exact":
-            return verdict(cur, False, f"{what} is the fastest measured: the DB keeps it, nothing written")
-        return verdict(cur, True, f"{what} is the fastest measured: written as this GPU's exact entry")
+            return verdict(cur, False, f"{what} is the fastest measured{after}: the DB keeps it, nothing written")
+        return verdict(cur, True, f"{what} is the fastest measured{after}: written as this GPU's exact entry")
     ratio = _value(cur, objective) / _value(best, objective)
-    return verdict(best, True, f"improves on {what} by {ratio:.2f}x")
+    return verdict(best, True, f"improves on {what} by {ratio:.2f}x{after}")
+
+
+def _by_head_to_head(
+    duel: HeadToHead,
+    best: TrialRecord,
+    cur: TrialRecord,
+    default: TrialRecord | None,
+    current: CurrentPick,
+    what: str,
+    objective: str,
+) -> Verdict | None:
+    """:func:`judge`'s decision from a head-to-head (None where a round failed): the records
+    carry its medians (an entry is written with them); within noise of the best (the tie rule),
+    the current pick is kept."""
+    b, c = duel.best_median, duel.current_median
+    if b is None or c is None or not (has_values(b, objective) and has_values(c, objective)):
+        return None
+    said = duel.describe("uJ" if objective == "energy" else "us")
+    first = cur  # the current pick as measured in the study
+    best = dataclasses.replace(best, measurement=b)
+    cur = dataclasses.replace(cur, measurement=c)
+    if default is not None and default.number == first.number:
+        default = cur  # the default config is the current pick: the same medians
+    in_study = ""
+    if abs(_value(first, objective) - _value(cur, objective)) > tie_tolerance(c, first.measurement, objective):
+        in_study = f"; the study's one measurement of it: {_value(first, objective):.2f}"
+    if _value(cur, objective) - _value(best, objective) <= tie_tolerance(b, c, objective):
+        keep = "the DB keeps it, nothing written" if current.why == "exact" else "written as this GPU's exact entry"
+        if _value(cur, objective) <= _value(best, objective):
+            note = f"{what} is the fastest measured ({said}{in_study}): {keep}"
+        else:
+            note = f"{what} ties with the best ({said}{in_study}; a tie: within max(1 %, the spreads), <= 2 %): {keep}"
+        return Verdict(cur, current.why != "exact", cur, default, note, objective, current.why, duel)
+    ratio = _value(cur, objective) / _value(best, objective)
+    note = f"improves on {what} by {ratio:.2f}x ({said}{in_study})"
+    return Verdict(best, True, cur, default, note, objective, current.why, duel)

@@ -23,6 +23,8 @@ def summary_table(
     """One row per study: counts, the DB entry's config (the verdict's pick: the best measured,
     or the runtime's current pick where nothing beats it) and, from the same records, how it
     compares with the default config and with the current pick (> 1x: the entry is faster).
+    Where the verdict rests on a final head-to-head (a GPU's, :mod:`.headtohead`), ``us`` and
+    ``+-`` are the entry's median there and ``vs current`` is the ratio of the two medians.
     Below the table, one line per study says what the entry improves on."""
     from rich.markup import escape
     from rich.table import Table

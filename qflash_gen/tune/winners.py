@@ -152,6 +152,8 @@ def best_result(
     }
     if verdict is not None:
         protocol["tuner"]["improves_on"] = verdict.note
+        if verdict.head_to_head is not None:
+            protocol["tuner"]["head_to_head"] = verdict.head_to_head.evidence()
         if verdict.current is not None:
             cur = verdict.current
             protocol["tuner"]["current_pick"] = {
@@ -190,13 +192,24 @@ class Written:
     error: str | None = None
 
 
-def verdicts_for(args: argparse.Namespace, results: list, currents: Mapping[str, Any]) -> dict[str, Any]:
+def verdicts_for(
+    args: argparse.Namespace, results: list, currents: Mapping[str, Any], duels: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """Each study's :class:`~.incumbent.Verdict` from its records (``currents``: study name ->
-    the runtime's current pick, :class:`~.incumbent.CurrentPick` or None)."""
+    the runtime's current pick, :class:`~.incumbent.CurrentPick` or None; ``duels``: study name
+    -> its final head-to-head, :class:`~.headtohead.HeadToHead`, where one was measured)."""
     from qflash_gen.tune.incumbent import judge
 
+    duels = duels or {}
     return {
-        r.study_name: judge(r, space, currents.get(r.study_name), floor=args.sqnr_floor, objective=args.objective)
+        r.study_name: judge(
+            r,
+            space,
+            currents.get(r.study_name),
+            floor=args.sqnr_floor,
+            objective=args.objective,
+            duel=duels.get(r.study_name),
+        )
         for r, space in results
     }
 
@@ -259,10 +272,12 @@ def write_winners(
     err: Any,
     *,
     currents: Mapping[str, Any] | None = None,
+    duels: Mapping[str, Any] | None = None,
     force: bool = False,
 ) -> Written:
     """Write the winners this process has the turn for (:func:`study.claim_db_write`), each only
-    where it beats the runtime's current pick (``currents``, :func:`.incumbent.judge`).
+    where it beats the runtime's current pick (``currents``, :func:`.incumbent.judge`; from the
+    final head-to-head in ``duels`` where there is one).
 
     The results come back refreshed from storage where this process wrote them (they then hold
     every slot's trials); the verdicts are judged on those same records.  A DB that cannot be
@@ -286,7 +301,7 @@ def write_winners(
         # the study as stored now (every slot's trials), with this process's own counts kept
         fresh.append((dataclasses.replace(turn.result, slot=r.slot, new_measurements=r.new_measurements), space))
     report, fronts = None, []
-    verdicts = verdicts_for(args, fresh, currents)
+    verdicts = verdicts_for(args, fresh, currents, duels)
     if not turns:
         return Written(report, fronts, notes, fresh, verdicts)
     best = []

@@ -26,6 +26,14 @@ from qflash_gen.keys import DTYPE_NAMES, WorkloadKey, workload_key
 ENERGY_FIELDS: tuple[str, ...] = ("energy_uj", "energy_spread_uj", "above_idle_uj", "idle_w")
 OUT_DTYPES: tuple[str, ...] = DTYPE_NAMES
 TIMINGS: tuple[str, ...] = ("do_bench", "cudagraph")
+# Before its first timing, each timed GPU worker process busies the GPU (an idle H200 sat at a
+# 345 MHz SM clock and the first three timings were 3-4x too slow): ``gpu_jobs.warm_up``.
+GPU_WARMUP_S = 0.25  # busy time
+GPU_WARMUP_MAX_S = 0.5  # bound on the whole warm-up, cuBLAS's start included
+GPU_WARMUP_NOTE = (
+    f"each timed worker process runs fp16 matmuls on the GPU for {GPU_WARMUP_S * 1e3:.0f} ms "
+    f"(<= {GPU_WARMUP_MAX_S * 1e3:.0f} ms in all) before its first timing, again after a restart"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,6 +234,10 @@ class Measurer(abc.ABC):
     the batches a run knows ahead through it; a backend without it compiles nothing ahead."""
 
     gpu: str
+    # Rounds of the final head-to-head (:mod:`qflash_gen.tune.headtohead`): a study's best config
+    # and the runtime's current pick measured again, alternating, before the DB decision.  0: a
+    # measurer whose numbers do not drift (a replayed table) has none.
+    head_to_head_rounds: int = 0
 
     @property
     @abc.abstractmethod

@@ -15,11 +15,12 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from qflash_gen.config import KernelConfig
-from qflash_gen.tune.measure.base import Measurement, Measurer, Protocol, ShapeSpec
+from qflash_gen.tune.measure.base import GPU_WARMUP_NOTE, Measurement, Measurer, Protocol, ShapeSpec
 from qflash_gen.tune.measure.isolation import IsolatedRunner
 
 GPU_TARGET = "qflash_gen.tune.measure.gpu_jobs:run_job"
 AHEAD_PER_JOB = 4  # precompile_iter: items compiled ahead of the measurements, per compile worker
+HEAD_TO_HEAD_ROUNDS = 3  # the final head-to-head: best, current pick, best, ... (qflash_gen.tune.headtohead)
 
 
 class GPUMeasurer(Measurer):
@@ -31,7 +32,13 @@ class GPUMeasurer(Measurer):
         timeout_s: limit for one candidate (compile + correctness + timing of all its shapes).
         target: the worker function (tests substitute a fake one).
         env: extra environment for the worker (``CUDA_VISIBLE_DEVICES`` for one GPU of many).
+
+    The timed worker warms the GPU before its first timing (``gpu_jobs.warm_up``, again after a
+    restart); :attr:`warmups` holds what each warm-up reported.  A study's DB decision rests on a
+    head-to-head of ``head_to_head_rounds`` alternating rounds (:mod:`qflash_gen.tune.headtohead`).
     """
+
+    head_to_head_rounds = HEAD_TO_HEAD_ROUNDS
 
     def __init__(
         self,
@@ -50,6 +57,7 @@ class GPUMeasurer(Measurer):
         self.runner = IsolatedRunner(target, timeout_s=timeout_s, env=self.env)
         self._environment: dict[str, Any] | None = None
         self._compilers: list[IsolatedRunner] = []  # precompile's workers (started on first use)
+        self.warmups: list[dict[str, Any]] = []  # the timed worker's warm-ups (one per worker process)
 
     @property
     def protocol(self) -> dict[str, Any]:
@@ -57,13 +65,17 @@ class GPUMeasurer(Measurer):
 
     @property
     def provenance(self) -> dict[str, Any]:
-        return {"source": "measured", "environment": self.environment()}
+        environment = self.environment()
+        return {"source": "measured", "gpu_warmup": environment["gpu_warmup"], "environment": environment}
 
     def environment(self) -> dict[str, Any]:
-        """Device, driver and library versions, as the worker sees them (asked once)."""
+        """Device, driver and library versions, as the worker sees them (asked once), and the
+        warm-up rule (so a recorded table's header says it too)."""
         if self._environment is None:
             res = self.runner.run({"op": "environment"})
             self._environment = res.result if res.ok and res.result else {"error": res.error}
+            on_gpu = "error" not in self._environment and not str(self._environment.get("device")).startswith("cpu")
+            self._environment["gpu_warmup"] = GPU_WARMUP_NOTE if on_gpu else "none (no CUDA device)"
         return dict(self._environment)
 
     def _job(self, config: KernelConfig, shapes: Sequence[ShapeSpec], op: str) -> dict[str, Any]:
@@ -81,6 +93,8 @@ class GPUMeasurer(Measurer):
         res = self.runner.run(self._job(config, shapes, "measure"))
         if not res.ok or not res.result:
             return [Measurement.failed(res.error or "worker returned nothing") for _ in shapes]
+        if isinstance(res.result.get("warmup"), dict):
+            self.warmups.append(res.result["warmup"])
         got = res.result.get("measurements") or []
         if len(got) != len(shapes):
             return [Measurement.failed(f"worker returned {len(got)} results for {len(shapes)} shapes") for _ in shapes]

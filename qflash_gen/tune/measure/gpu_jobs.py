@@ -11,6 +11,11 @@
   binary before the timed worker needs it (parallel precompilation).
 * ``environment``: device, driver, CUDA, torch, Triton and template versions.
 
+Before its first ``measure`` job a worker process warms the GPU (:func:`warm_up`: fp16 matmuls
+for ``GPU_WARMUP_S``, at most ``GPU_WARMUP_MAX_S`` in all): an idle GPU sits at a low SM clock
+(345 MHz on an H200) and the first timings after it were 3-4x too slow.  A restarted worker is a
+new process and warms again.  The job that ran it returns what it did under ``"warmup"``.
+
 With ``protocol.energy`` a ``measure`` job also takes the energy per call of every correct shape
 (:mod:`qflash_gen.energy`: NVML's counter around >= ``energy_min_s`` s of CUDA-graph replay,
 ``energy_repeats`` rounds, the job's shapes interleaved in each round with one idle span).  Where
@@ -35,7 +40,7 @@ import torch
 from qflash_gen import checks, codegen, launch, quant, reference
 from qflash_gen.config import KernelConfig
 from qflash_gen.keys import torch_dtype
-from qflash_gen.tune.measure.base import Measurement, Protocol, ShapeSpec
+from qflash_gen.tune.measure.base import GPU_WARMUP_MAX_S, GPU_WARMUP_S, Measurement, Protocol, ShapeSpec
 
 _FATAL_MARKERS = (
     "illegal memory access",
@@ -48,6 +53,7 @@ _FATAL_MARKERS = (
 _INPUT_CACHE_MAX = 16
 _inputs_cache: dict[tuple, dict[str, Any]] = {}
 _energy_meters: dict[tuple, Any] = {}  # (min_s, repeats) -> EnergyMeter on this worker's GPU (opened once)
+_warmed: dict[str, Any] | None = None  # what this process's warm-up did (None: not run yet)
 
 
 def forget_energy_meters() -> None:
@@ -334,6 +340,43 @@ def environment() -> dict[str, Any]:
     return env
 
 
+def sm_clock_mhz() -> float | None:
+    """The SM clock of this worker's GPU now (NVML through torch), or None where unreadable."""
+    try:
+        return float(torch.cuda.clock_rate())
+    except Exception:  # noqa: BLE001 - no pynvml, no driver: the warm-up does without
+        return None
+
+
+def _matmul_chunk(work: torch.Tensor, out: torch.Tensor) -> None:
+    for _ in range(4):
+        torch.mm(work, work, out=out)
+    torch.cuda.synchronize()
+
+
+def warm_up(device: torch.device, *, chunk: Any = None, clock: Any = None) -> dict[str, Any]:
+    """Busy the GPU with fp16 matmuls for ``GPU_WARMUP_S`` (the whole warm-up, cuBLAS's start
+    included, stops past ``GPU_WARMUP_MAX_S``), so that the first timing does not meet an idle
+    GPU's low clocks; returns what it did (``ms``, ``chunks``, the SM clock before and after
+    where NVML reads it).  ``chunk`` and ``clock`` replace the device calls (tests)."""
+    if device.type != "cuda" and chunk is None:
+        return {"ran": False, "why": "no CUDA device"}
+    clock = clock or sm_clock_mhz
+    t0 = time.perf_counter()
+    before = clock()
+    if chunk is None:
+        work = torch.randn((4096, 4096), device=device, dtype=torch.float16)
+        out = torch.empty_like(work)
+        chunk = lambda: _matmul_chunk(work, out)  # noqa: E731
+    chunk()  # the first one starts cuBLAS: not counted as busy time
+    t1, chunks = time.perf_counter(), 1
+    while time.perf_counter() - t1 < GPU_WARMUP_S and time.perf_counter() - t0 < GPU_WARMUP_MAX_S:
+        chunk()
+        chunks += 1
+    return {"ran": True, "ms": round((time.perf_counter() - t0) * 1e3, 1), "chunks": chunks,
+            "sm_clock_mhz": [before, clock()]}  # fmt: skip
+
+
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
     """The worker target (``qflash_gen.tune.measure.gpu_jobs:run_job``)."""
     op = job.get("op", "measure")
@@ -346,7 +389,15 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         return compile_one(cfg, shapes, protocol)
     if op != "measure":
         raise ValueError(f"unknown op {op!r}")
+    global _warmed
+    warmed = None
+    if _warmed is None:  # this process's first timing: warm the GPU first (once per worker process)
+        try:
+            warmed = warm_up(_device())
+        except Exception as exc:  # noqa: BLE001 - no warm-up is no reason to fail the candidate
+            warmed = {"ran": False, "why": f"{type(exc).__name__}: {exc}"[:300]}
+        _warmed = warmed
     measurements = [measure_one(cfg, s, protocol) for s in shapes]
     if protocol.energy:
         measurements = add_energy(cfg, shapes, protocol, measurements)
-    return {"measurements": [m.to_dict() for m in measurements]}
+    return {"measurements": [m.to_dict() for m in measurements], **({"warmup": warmed} if warmed else {})}
