@@ -239,6 +239,8 @@ def quantize_heads(
     plan = tile_plan(n, d, dynamic) if tile is None else tile
     if plan:
         bn, gb, warps, t_fast, max_regs = (*plan, *(True, 0)[len(plan) - 3 :])  # defaults: 1-D grid, no cap
+        if bn < n or bn & (bn - 1) or gb < 1 or gb & (gb - 1):  # a short tile would skip rows
+            raise ValueError(f"tile={tile!r}: BLOCK_N must be a power of two >= N={n}, GB a power of two >= 1")
         blocks = triton.cdiv(b * h, gb)
         cap = {"maxnreg": max_regs} if max_regs else {}
         _quantize_tiles[(3 * blocks,) if t_fast else (blocks, 3)](

@@ -128,3 +128,11 @@ def test_attention_fused_path_matches_reference_and_non_contiguous():
     qt = q.transpose(2, 3).contiguous().transpose(2, 3)  # same values, D not innermost: copied first
     assert not qt.is_contiguous()
     assert_bit_equal(fused, attention(qt, k, v))
+
+
+@pytest.mark.parametrize("tile", [(32, 1, 4), (48, 1, 4), (64, 3, 4)])
+def test_a_tile_that_cannot_hold_the_head_is_refused(tile):
+    """A tile shorter than N would leave rows unquantized: refused before any launch."""
+    q, k, v = _inputs("uniform", torch.float16)  # N = 37
+    with pytest.raises(ValueError, match="BLOCK_N must be a power of two"):
+        quant_kernels.quantize_heads(q, k, v, tile=tile)
