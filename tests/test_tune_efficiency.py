@@ -1,9 +1,8 @@
 """How fast the default search gets within 3 % of a recorded table's optimum (issue 17), and the
 mechanics of tools/tuner_efficiency.py.
 
-The quality test replays a RECORDED table: tests/data/h200_sweep.csv once it exists (recorded on
-an H200 by the command in docs/tuner-efficiency.md), else tests/data/h100_sweep.csv (recorded on
-an H100, 7-bit P: the only real table so far).  The mechanics test uses the SYNTHETIC table of
+The quality test replays every RECORDED table: tests/data/h200_sweep.csv (recorded on an H200 by
+the command in docs/tuner-efficiency.md) and tests/data/h100_sweep.csv (an H100, 7-bit P).  The mechanics test uses the SYNTHETIC table of
 tests/test_tune_synthetic.py, whose numbers say nothing about quality."""
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from test_tune_recorded import FLOOR, MIN_HARD, MIN_HARD_OTHER_TABLE, is_hard, start_latency
+from test_tune_recorded import FLOOR, MIN_HARD, MIN_HARD_OTHER_TABLE, TABLES, is_hard, start_latency
 from test_tune_synthetic import SYNTHETIC_NOTE, write_synthetic_table
 
 from qflash_gen.tune.measure import ShapeSpec
@@ -23,8 +22,6 @@ from qflash_gen.tune.measure.simulate import SimulatedMeasurer
 from qflash_gen.tune.space import Grid, SearchSpace
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "tuner_efficiency.py"
-DATA = Path(__file__).parent / "data"
-RECORDED = next((p for p in (DATA / "h200_sweep.csv", DATA / "h100_sweep.csv") if p.is_file()), None)
 FRACTION = 0.20  # issue 17: within 3 % of the optimum in <= 20 % of the table's configs (median)
 
 
@@ -36,8 +33,9 @@ def tool():
     return module
 
 
-@pytest.mark.skipif(RECORDED is None, reason="no recorded table in tests/data (tools/sweep.py records one)")
-def test_default_search_from_a_cold_start_reaches_3_percent_in_a_fifth_of_the_table(tool):
+@pytest.mark.skipif(not TABLES, reason="no recorded table in tests/data (tools/sweep.py records one)")
+@pytest.mark.parametrize("RECORDED", TABLES, ids=[p.name.split("_")[0] for p in TABLES])
+def test_default_search_from_a_cold_start_reaches_3_percent_in_a_fifth_of_the_table(tool, RECORDED):
     """The default search (staged climb, then TPE) with no DB at all (``--warm-start none``: only
     the default config and its variants first), 10 seeds, every shape of the table.
 

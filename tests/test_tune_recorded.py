@@ -1,10 +1,14 @@
 """The tuner on a table recorded by tools/sweep.py (real measurements, replayed on CPU).
 
-The H200 table (tests/data/h200_sweep.csv, 14-bit P, the tune grid's axes; the command that
-records it is in docs/tuner-efficiency.md) is used once it is in the checkout, else the H100
-table recorded with::
+Every recorded table in tests/data runs: the H200 table (tests/data/h200_sweep.csv, 14-bit P, the
+tune grid's axes, recorded in the eighth session by the command in docs/tuner-efficiency.md) and
+the H100 table recorded with::
 
     python tools/sweep.py --gpu h100 --workloads vit_b,swin_t --batches 8,64 --record tests/data/h100_sweep.csv
+
+On the H200 table most starts are already within 3 % of the best (the default 64x64 4-warp tile
+is on every Swin-S stage, the shipped entries on every shape), so the H100 table, where the
+defaults are far from the optimum, is the one that keeps the search itself judged.
 """
 
 from __future__ import annotations
@@ -25,14 +29,10 @@ from qflash_gen.tune.table import Table, read_table
 from qflash_gen.tune.trials import record_from_trial
 
 DATA = Path(__file__).parent / "data"
-TABLE = next((p for p in (DATA / "h200_sweep.csv", DATA / "h100_sweep.csv") if p.is_file()), DATA / "h100_sweep.csv")
-GPU = TABLE.name.split("_")[0]
+TABLES = [p for p in (DATA / "h200_sweep.csv", DATA / "h100_sweep.csv") if p.is_file()]
 # the shapes each table was recorded for (issue 4: vit_b, swin_t at b=8, 64; issue 17: vit_b, swin_s)
 ISSUE_SHAPES = {"h100": ("vit_b,swin_t", (8, 64)), "h200": ("vit_b,swin_s", (64,))}
-pytestmark = pytest.mark.skipif(
-    not TABLE.is_file(),
-    reason=f"{TABLE.relative_to(Path(__file__).parent.parent)} (recorded by tools/sweep.py) is not in this checkout yet",
-)
+pytestmark = pytest.mark.skipif(not TABLES, reason="no table recorded by tools/sweep.py in tests/data")
 FLOOR = 30.0
 BUDGET_FRACTION = 0.2  # issue 17: within 3 % of the optimum measuring 20 % of the table's configs
 WITHIN = 1.03  # "within 3 % of the table's best"
@@ -40,13 +40,20 @@ WITHIN = 1.03  # "within 3 % of the table's best"
 # is NOT already within 3 % of the best, per --warm-start mode ("db": what --simulate uses by
 # default; "none": a cold start).  Only these judge the search; fewer of them than this is a
 # failure (the check would have become trivial), not a silent pass.
-MIN_HARD = {"h100": {"db": 3, "none": 5}}
+# The H200 table (measured): from the shipped DBs every shape starts within 3 %; from a cold start
+# only vit_b b=64 does not (the default 64x64 tile is 1.36x the best there).
+MIN_HARD = {"h100": {"db": 3, "none": 5}, "h200": {"db": 0, "none": 1}}
 MIN_HARD_OTHER_TABLE = 2
 
 
-@pytest.fixture(scope="module")
-def table():
-    return read_table(TABLE)
+@pytest.fixture(scope="module", params=TABLES, ids=[p.name.split("_")[0] for p in TABLES])
+def table(request):
+    return read_table(request.param)
+
+
+def gpu_of(table: Table) -> str:
+    (gpu,) = table.gpus()
+    return gpu
 
 
 def plans_for(argv: list[str]) -> list[StudyPlan]:
@@ -84,7 +91,7 @@ def measured_configs(storage: Path | str, name: str) -> list[KernelConfig]:
 
 
 def test_table_covers_the_issue_shapes(table):
-    assert table.gpus() == [GPU]
+    GPU = gpu_of(table)
     assert not table.environment.get("synthetic")
     assert str(table.environment.get("device", "")).startswith(f"NVIDIA {GPU.upper()}")
     have = {s.match_key() for s in table.shapes(GPU)}
@@ -108,6 +115,7 @@ def test_simulated_tuning_reaches_the_recorded_best(table, tmp_path, capsys, war
     table) is not already within 3 % of the table's best: elsewhere the first trial passes.  The
     default run still tunes every shape (its entry must be as good); the cold run only the hard ones.
     The runtime's pick comes from the table's own card's shipped file (``shipped_db_of``)."""
+    GPU, TABLE = gpu_of(table), table.path
     own = [GPU] if (db.shipped_db_dir() / db.file_name(GPU)).is_file() else []
     shipped_db_of(monkeypatch, tmp_path / "shipped", *own)
     checked, trivial = [], []
