@@ -25,6 +25,11 @@ Two kernels, one launch either way (``tile_plan`` picks):
 * chunked (``_quantize_heads``), for longer sequences: program (g, t) reads the head in CH-row
   chunks, one pass for max|x| (k smoothed: two more) and one that quantizes and stores.
 
+A variant of the one-tile kernel that ``tile_plan`` does not pick (untimed on a GPU so far):
+``_quantize_tiles_prefetch`` (``quantize_heads(tile=(..., programs))``), P programs a tensor, each
+walking the blocks p, p + P, ... with the next block's load in flight while the current block
+computes and stores; the one-tile kernel waits out its one load in every program.
+
 This is not a template: the attention kernel's template hash and the tuning DB don't see it.
 """
 
@@ -127,6 +132,68 @@ def _tile_scale(x, ok):
 
 
 @triton.jit
+def _tile_offsets(i, H, N, G, BLOCK_N: tl.constexpr, D: tl.constexpr, GB: tl.constexpr):
+    """Block i's groups g = i * GB .. (batch * H + head), their batch z and head h, and the
+    [GB, BLOCK_N, D] tile's group, key and channel indices and mask (no group at or past G: a
+    block past the last is all masked, nothing is read or written)."""
+    g = i * GB + tl.arange(0, GB)  # groups: batch * H + head
+    z = g // H
+    h = g % H
+    gi = g[:, None, None]
+    n = tl.arange(0, BLOCK_N)[None, :, None]
+    d = tl.arange(0, D)[None, None, :]
+    ok = (gi < G) & (n < N)
+    return g, z, h, gi, n, d, ok
+
+
+@triton.jit
+def _tile_load(X, sb, sh, sn, z, h, n, d, ok):
+    """The tile of X (strides sb, sh, sn) at _tile_offsets' offsets, in the input's dtype."""
+    return tl.load(X + z[:, None, None] * sb + h[:, None, None] * sh + n * sn + d, mask=ok, other=0.0)
+
+
+@triton.jit
+def _tile_scales_in(SCALES, s_off, g, G, DYNAMIC: tl.constexpr):
+    """With static scales the [GB] scales at s_off (dynamic: a placeholder; _tile_quantize
+    computes them)."""
+    if DYNAMIC:
+        return tl.zeros(g.shape, tl.float32)
+    else:
+        return tl.load(SCALES + s_off, mask=g < G, other=1.0)
+
+
+@triton.jit
+def _tile_quantize(
+    x, s, t, Q8, K8, V8, SCALES, g, gi, n, d, ok, s_off, N, NP, G,
+    D: tl.constexpr, DYNAMIC: tl.constexpr, SMOOTH_K: tl.constexpr,
+):  # fmt: skip
+    """Every pass on the registers of tensor t's tile x (max|x|; for k the mean and max|x - mean|;
+    quantize at scales s, or with dynamic scales at those computed here and stored), then the
+    int8 stores."""
+    if DYNAMIC:
+        s = _tile_scale(x, ok)
+        xf = x.to(tl.float32)
+        if SMOOTH_K:
+            if t == 1:
+                # quant.smooth_k: the per-channel mean on the int8 grid of the first scale,
+                # float32(sum of int8) * s / N, subtracted; then the scale again
+                i1 = tl.where(ok, _rint8(xf, tl.div_rn(1.0, s)[:, None, None]), 0)
+                mean = tl.div_rn(tl.sum(i1, axis=1).to(tl.float32) * s[:, None], N.to(tl.float32))  # [GB, D]
+                xf = xf - mean[:, None, :]
+                s = _tile_scale(xf, ok)
+        tl.store(SCALES + s_off, s, mask=g < G)
+    else:
+        xf = x.to(tl.float32)
+    x8 = _rint8(xf, tl.div_rn(1.0, s)[:, None, None]).to(tl.int8)
+    if t == 2:  # key-major: keys innermost, row pitch NP
+        tl.store(V8 + gi * (D * NP) + d * NP + n, x8, mask=ok)
+    elif t == 0:
+        tl.store(Q8 + gi * (N * D) + n * D + d, x8, mask=ok)
+    else:
+        tl.store(K8 + gi * (N * D) + n * D + d, x8, mask=ok)
+
+
+@triton.jit
 def _quantize_tiles(
     Q, K, V, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
     Q8, K8, V8, SCALES, stride_sz, stride_sh, H, N, NP, G,
@@ -144,43 +211,90 @@ def _quantize_tiles(
     else:
         t = tl.program_id(1)
         i = tl.program_id(0)
-    g = i * GB + tl.arange(0, GB)  # groups: batch * H + head
-    z = g // H
-    h = g % H
-    gi = g[:, None, None]
-    n = tl.arange(0, BLOCK_N)[None, :, None]
-    d = tl.arange(0, D)[None, None, :]
-    ok = (gi < G) & (n < N)
+    g, z, h, gi, n, d, ok = _tile_offsets(i, H, N, G, BLOCK_N, D, GB)
     if t == 0:
         X, sb, sh, sn = Q, sqb, sqh, sqn
     elif t == 1:
         X, sb, sh, sn = K, skb, skh, skn
     else:
         X, sb, sh, sn = V, svb, svh, svn
-    x = tl.load(X + z[:, None, None] * sb + h[:, None, None] * sh + n * sn + d, mask=ok, other=0.0)
+    x = _tile_load(X, sb, sh, sn, z, h, n, d, ok)
     s_off = z * stride_sz + h * stride_sh + t  # [GB]
-    if DYNAMIC:
-        s = _tile_scale(x, ok)
-        xf = x.to(tl.float32)
-        if SMOOTH_K:
-            if t == 1:
-                # quant.smooth_k: the per-channel mean on the int8 grid of the first scale,
-                # float32(sum of int8) * s / N, subtracted; then the scale again
-                i1 = tl.where(ok, _rint8(xf, tl.div_rn(1.0, s)[:, None, None]), 0)
-                mean = tl.div_rn(tl.sum(i1, axis=1).to(tl.float32) * s[:, None], N.to(tl.float32))  # [GB, D]
-                xf = xf - mean[:, None, :]
-                s = _tile_scale(xf, ok)
-        tl.store(SCALES + s_off, s, mask=g < G)
+    s = _tile_scales_in(SCALES, s_off, g, G, DYNAMIC)
+    _tile_quantize(x, s, t, Q8, K8, V8, SCALES, g, gi, n, d, ok, s_off, N, NP, G, D, DYNAMIC, SMOOTH_K)
+
+
+@triton.jit
+def _tile_walk(
+    X, sb, sh, sn, Q8, K8, V8, SCALES, stride_sz, stride_sh, H, N, NP, G, p, P,
+    T: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, GB: tl.constexpr, DYNAMIC: tl.constexpr,
+    SMOOTH_K: tl.constexpr, STAGES: tl.constexpr,
+):  # fmt: skip
+    """Tensor T's blocks p, p + P, ... (X: its input), one tile each, the next block's load in
+    flight while the current one computes and stores.  STAGES 0: explicit register double
+    buffering, block i + P's load issued before block i's passes (past the last block it is all
+    masked off: nothing read).  Else Triton's pipeliner (tl.range num_stages=STAGES): the loads
+    go to shared memory by cp.async; at 3 (two buffers) the TTGIR waits for block i with block
+    i + P's copy in flight, at 2 (one buffer) it issues the next copy after the stores (no
+    overlap with the passes; Triton 3.8, sm_90).  Each tensor's loop has its own buffers: at
+    ViT-B, STAGES 3, 192 KB of shared memory a program."""
+    if STAGES:
+        for i in tl.range(p, tl.cdiv(G, GB), P, num_stages=STAGES):
+            g, z, h, gi, n, d, ok = _tile_offsets(i, H, N, G, BLOCK_N, D, GB)
+            x = _tile_load(X, sb, sh, sn, z, h, n, d, ok)
+            s_off = z * stride_sz + h * stride_sh + T
+            s = _tile_scales_in(SCALES, s_off, g, G, DYNAMIC)
+            _tile_quantize(x, s, T, Q8, K8, V8, SCALES, g, gi, n, d, ok, s_off, N, NP, G, D, DYNAMIC, SMOOTH_K)
     else:
-        s = tl.load(SCALES + s_off, mask=g < G, other=1.0)
-        xf = x.to(tl.float32)
-    x8 = _rint8(xf, tl.div_rn(1.0, s)[:, None, None]).to(tl.int8)
-    if t == 2:  # key-major: keys innermost, row pitch NP
-        tl.store(V8 + gi * (D * NP) + d * NP + n, x8, mask=ok)
-    elif t == 0:
-        tl.store(Q8 + gi * (N * D) + n * D + d, x8, mask=ok)
+        g, z, h, gi, n, d, ok = _tile_offsets(p, H, N, G, BLOCK_N, D, GB)
+        x = _tile_load(X, sb, sh, sn, z, h, n, d, ok)
+        s = _tile_scales_in(SCALES, z * stride_sz + h * stride_sh + T, g, G, DYNAMIC)
+        for i in range(p, tl.cdiv(G, GB), P):
+            g, z, h, gi, n, d, ok = _tile_offsets(i + P, H, N, G, BLOCK_N, D, GB)
+            x_next = _tile_load(X, sb, sh, sn, z, h, n, d, ok)
+            s_next = _tile_scales_in(SCALES, z * stride_sz + h * stride_sh + T, g, G, DYNAMIC)
+            g, z, h, gi, n, d, ok = _tile_offsets(i, H, N, G, BLOCK_N, D, GB)
+            s_off = z * stride_sz + h * stride_sh + T
+            _tile_quantize(x, s, T, Q8, K8, V8, SCALES, g, gi, n, d, ok, s_off, N, NP, G, D, DYNAMIC, SMOOTH_K)
+            x, s = x_next, s_next
+
+
+@triton.jit
+def _quantize_tiles_prefetch(
+    Q, K, V, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+    Q8, K8, V8, SCALES, stride_sz, stride_sh, H, N, NP, G,
+    BLOCK_N: tl.constexpr, D: tl.constexpr, GB: tl.constexpr, DYNAMIC: tl.constexpr, SMOOTH_K: tl.constexpr,
+    T_FAST: tl.constexpr, STAGES: tl.constexpr,
+):  # fmt: skip
+    """_quantize_tiles with P programs a tensor (grid 3P, program 3p + t: the same interleaved
+    order; else (P, 3)), each walking the blocks p, p + P, ... with the next block's load in
+    flight during the current one's work (_tile_walk).  One loop per tensor, t a constexpr in
+    each: in one loop for all three, the V transpose's shared-memory addresses (hoisted out of
+    the loop) stay live in the q and k programs too (sm_90, ViT-B, 8 warps capped at 128
+    registers: 216 / 52 bytes spilled dynamic / static, against 56 / 0 apart)."""
+    if T_FAST:
+        t = tl.program_id(0) % 3  # 0 q, 1 k, 2 v
+        p = tl.program_id(0) // 3
+        P = tl.num_programs(0) // 3
     else:
-        tl.store(K8 + gi * (N * D) + n * D + d, x8, mask=ok)
+        t = tl.program_id(1)
+        p = tl.program_id(0)
+        P = tl.num_programs(0)
+    if t == 0:
+        _tile_walk(
+            Q, sqb, sqh, sqn, Q8, K8, V8, SCALES, stride_sz, stride_sh, H, N, NP, G, p, P,
+            0, BLOCK_N, D, GB, DYNAMIC, SMOOTH_K, STAGES,
+        )  # fmt: skip
+    elif t == 1:
+        _tile_walk(
+            K, skb, skh, skn, Q8, K8, V8, SCALES, stride_sz, stride_sh, H, N, NP, G, p, P,
+            1, BLOCK_N, D, GB, DYNAMIC, SMOOTH_K, STAGES,
+        )  # fmt: skip
+    else:
+        _tile_walk(
+            V, svb, svh, svn, Q8, K8, V8, SCALES, stride_sz, stride_sh, H, N, NP, G, p, P,
+            2, BLOCK_N, D, GB, DYNAMIC, SMOOTH_K, STAGES,
+        )  # fmt: skip
 
 
 TILE_ELEMENTS = 16384  # the largest tile (groups x keys x D, padded) one program holds in registers
@@ -213,15 +327,19 @@ def quantize_heads(
     *,
     params: KernelParams | None = None,
     smooth: bool = True,
-    tile: tuple[int, int, int] | None | bool = None,
+    tile: tuple | None | bool = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, KernelParams]:
     """int8 q, k, v8 (key-major) and the KernelParams of (B, H, N, D) float q, k, v (one shape,
     any strides).  Dynamic (``params`` None): one scale per (batch, head) and tensor, k smoothed
     unless ``smooth=False``, softmax scale ``scale`` (default 1/sqrt(D)): the bits of
     ``quant.quantize_dynamic``.  Static: quantized at ``params``' scales (its groups), which are
     returned unchanged.  One launch, no sync, no input checks (``qflash_gen.attention`` and the
-    ops check q, k, v first).  ``tile``: the one-tile kernel's (BLOCK_N, GB, num_warps[, T_FAST[, register cap]]), or False
-    for the chunked kernel (benchmarks and tests; default :func:`tile_plan`'s choice)."""
+    ops check q, k, v first).  ``tile`` (benchmarks and tests; default :func:`tile_plan`'s choice):
+    False for the chunked kernel, or the one-tile kernels' (BLOCK_N, GB, num_warps[, T_FAST[,
+    register cap[, programs[, stages]]]]), trailing ones defaulting to (True, 0, 0, 0): 1-D grid,
+    no cap; programs > 0 runs the prefetching kernel with that many programs a tensor (at most
+    one per block), stages 0 its register double buffering, else Triton's pipeliner at
+    num_stages=stages."""
     b, h, n, d = q.shape
     dev = q.device
     q, k, v = (t if t.stride(3) == 1 else t.contiguous() for t in (q, k, v))
@@ -238,15 +356,21 @@ def quantize_heads(
                v.stride(0), v.stride(1), v.stride(2))  # fmt: skip
     plan = tile_plan(n, d, dynamic) if tile is None else tile
     if plan:
-        bn, gb, warps, t_fast, max_regs = (*plan, *(True, 0)[len(plan) - 3 :])  # defaults: 1-D grid, no cap
+        # defaults: 1-D grid, no register cap, one tile a program (programs 0), register prefetch
+        bn, gb, warps, t_fast, max_regs, programs, stages = (*plan, *(True, 0, 0, 0)[len(plan) - 3 :])
         if bn < n or bn & (bn - 1) or gb < 1 or gb & (gb - 1):  # a short tile would skip rows
             raise ValueError(f"tile={tile!r}: BLOCK_N must be a power of two >= N={n}, GB a power of two >= 1")
+        if programs < 0 or stages < 0 or (stages and not programs):
+            raise ValueError(f"tile={tile!r}: programs a tensor >= 0; stages >= 0, and only with programs")
         blocks = triton.cdiv(b * h, gb)
         cap = {"maxnreg": max_regs} if max_regs else {}
-        _quantize_tiles[(3 * blocks,) if t_fast else (blocks, 3)](
-            q, k, v, *strides, q8, k8, v8, params.scales, *params.strides(), h, n, v8.stride(3), b * h,
-            BLOCK_N=bn, D=d, GB=gb, DYNAMIC=dynamic, SMOOTH_K=smooth, T_FAST=t_fast, num_warps=warps, **cap,
-        )  # fmt: skip
+        args = (q, k, v, *strides, q8, k8, v8, params.scales, *params.strides(), h, n, v8.stride(3), b * h)
+        meta = dict(BLOCK_N=bn, D=d, GB=gb, DYNAMIC=dynamic, SMOOTH_K=smooth, T_FAST=t_fast, num_warps=warps, **cap)
+        if programs:  # each of min(blocks, programs) programs a tensor walks blocks p, p + P, ...
+            p = min(blocks, programs)
+            _quantize_tiles_prefetch[(3 * p,) if t_fast else (p, 3)](*args, STAGES=stages, **meta)
+        else:
+            _quantize_tiles[(3 * blocks,) if t_fast else (blocks, 3)](*args, **meta)
     else:
         _quantize_heads[(b * h, 3)](
             q, k, v, *strides, q8, k8, v8, params.scales, *params.strides(), h, n, v8.stride(3),

@@ -294,6 +294,27 @@ MUTANTS = [
         case="shared_k",
     ),
     Mutant(
+        "prefetch quantizes a program's first tile again",
+        "quant_kernels",
+        "x, s = x_next, s_next",
+        "x, s = x, s_next",
+        case="shared_k",
+    ),
+    Mutant(
+        "prefetch loads the next block, not the next of the program",
+        "quant_kernels",
+        "_tile_offsets(i + P, H, N, G, BLOCK_N, D, GB)",
+        "_tile_offsets(i + 1, H, N, G, BLOCK_N, D, GB)",
+        case="specials",
+    ),
+    Mutant(
+        "pipelined walk strides P + 1",
+        "quant_kernels",
+        "tl.range(p, tl.cdiv(G, GB), P, num_stages=STAGES)",
+        "tl.range(p, tl.cdiv(G, GB), P + 1, num_stages=STAGES)",
+        case="specials",
+    ),
+    Mutant(
         "torch quantizer scale counts Inf and NaN",
         "quant",
         "finite = torch.where(torch.isfinite(x), x.abs(), torch.zeros((), dtype=x.dtype, device=x.device))",
@@ -392,14 +413,20 @@ def _run_oracle(ref, qnt, cfg: KernelConfig, case: Case, out_dtype: torch.dtype)
     return ref.reference_int8(q8, k8, v8, params, cfg, bias=case.bias, out_dtype=out_dtype)
 
 
+# quantize_heads' kernels on the (2, 3, 37, D) quantizer cases: the one-tile kernel, its prefetching
+# variant with register double buffering (6 blocks over 4 programs a tensor: two walk 2 blocks) and
+# with Triton's pipeliner (3 blocks over 2 programs), the chunked kernel
+FUSED_TILES = (None, (64, 1, 4, True, 0, 4), (64, 2, 4, True, 0, 2, 3), False)
+
+
 def _quantized(qnt, case: Case) -> list[torch.Tensor]:
     """int8 q, k, v and the scale table of one dynamic quantization (k smoothed) by a quantizer
-    module: the fused one (``quantize_heads``: its one-tile kernel, then its chunked one) or the
-    torch one (``quantize_dynamic``, listed twice to match)."""
+    module: the fused one (``quantize_heads``, each of FUSED_TILES' kernels) or the torch one
+    (``quantize_dynamic``, listed as often to match)."""
     if hasattr(qnt, "quantize_heads"):
-        runs = [qnt.quantize_heads(case.q, case.k, case.v, tile=tile) for tile in (None, False)]
+        runs = [qnt.quantize_heads(case.q, case.k, case.v, tile=tile) for tile in FUSED_TILES]
     else:
-        runs = [qnt.quantize_dynamic(case.q, case.k, case.v, D)] * 2
+        runs = [qnt.quantize_dynamic(case.q, case.k, case.v, D)] * len(FUSED_TILES)
     return [
         t for q8, k8, v8, p in runs for t in (q8, k8, v8.contiguous(), p.scales.reshape(q8.shape[0], q8.shape[1], 4))
     ]

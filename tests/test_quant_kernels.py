@@ -32,12 +32,16 @@ def _inputs(case, dtype, shape=(2, 3, 37, 32), seed=0):
 
 
 # The kernels quantize_heads picks from: the one-tile kernel (a head's N x D in registers; GB groups
-# per program, the last program partly masked when GB does not divide B * H) and the chunked one
+# per program, the last program partly masked when GB does not divide B * H), its prefetching
+# variant (P programs a tensor walking the blocks; 6 groups here) and the chunked one
 KERNELS = {
     "tile": None,
     "tile_gb4": (64, 4, 4),
     "tile_grid2d": (64, 2, 4, False),
     "tile_capped": (64, 2, 4, True, 64),  # a register cap: the same bits (a launch option)
+    "prefetch": (64, 1, 4, True, 0, 4),  # 6 blocks over 4 programs: two walk 2, two walk 1
+    "prefetch_gb4_grid2d": (64, 4, 4, False, 0, 1),  # one program walks both blocks, the last half masked
+    "prefetch_pipelined": (64, 2, 4, True, 0, 2, 3),  # Triton's pipeliner in place of the register prefetch
     "chunked": False,
 }
 
@@ -105,7 +109,7 @@ def test_chunked_and_masked_tiles_equal_torch(shape):
 
 
 @pytest.mark.parametrize("groups", ["tensor", "head", "batch_head"])
-@pytest.mark.parametrize("kernel", ["tile", "chunked"])
+@pytest.mark.parametrize("kernel", ["tile", "prefetch", "prefetch_gb4_grid2d", "chunked"])
 def test_static_quantization_equals_torch(groups, kernel):
     q, k, v = _inputs("specials", torch.float16)
     b, h = q.shape[:2]
@@ -136,3 +140,33 @@ def test_a_tile_that_cannot_hold_the_head_is_refused(tile):
     q, k, v = _inputs("uniform", torch.float16)  # N = 37
     with pytest.raises(ValueError, match="BLOCK_N must be a power of two"):
         quant_kernels.quantize_heads(q, k, v, tile=tile)
+
+
+@pytest.mark.parametrize("programs", [3, 100])
+@pytest.mark.parametrize("smooth", [True, False])
+def test_prefetch_walks_blocks_not_a_multiple_of_the_programs(programs, smooth):
+    """Swin's window heads (N=49, D=32, GB=2) as timm hands them over (views of a packed qkv):
+    15 groups, 8 blocks (the last half masked) over 3 programs a tensor (3, 3 and 2 blocks), or
+    more programs than blocks (one block each); dynamic and static scales, the torch bits."""
+    dev = kernel_device()
+    g = torch.Generator().manual_seed(11)
+    qkv = torch.rand(3, 49, 3, 5, 32, generator=g) * 8 - 4
+    qkv[:, :, 1] += torch.randn(32, generator=g) * 20  # a component every token of k shares
+    q, k, v = qkv.to(dev, torch.float16).permute(2, 0, 3, 1, 4).unbind(0)
+    tile = (64, 2, 4, True, 0, programs)
+    got = quant_kernels.quantize_heads(q, k, v, smooth=smooth, tile=tile)
+    want = quant.quantize_dynamic(q, k, v, 32, smooth=smooth)
+    for a, b in zip(got[:3], want[:3], strict=True):
+        assert_bit_equal(a, b)
+    assert_bit_equal(got[3].scales, want[3].scales.reshape(got[3].scales.shape))
+    scales = [want[3].scales[..., i].reshape(3, 5) for i in range(3)]
+    params = quant.make_params(*scales, head_dim=32)
+    static = quant_kernels.quantize_heads(q, k, v, params=params, tile=tile)
+    for a, t, s in zip(static[:3], (q, k, v), scales, strict=True):
+        assert_bit_equal(a, quant.quantize_groups(t, s))
+
+
+def test_pipeline_stages_need_programs():
+    q, k, v = _inputs("uniform", torch.float16)
+    with pytest.raises(ValueError, match="only with programs"):
+        quant_kernels.quantize_heads(q, k, v, tile=(64, 1, 4, True, 0, 0, 3))

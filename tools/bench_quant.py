@@ -4,8 +4,8 @@ over (a packed (B, N, 3, H, D) fp16 projection), for each kernel it can run, aga
     python tools/bench_quant.py --out out --workloads A1,A2,A3,A4,A5 --batches 1,8,64
 
 For each workload and batch: the default choice (``tile_plan``), the chunked kernel and the listed
-one-tile variants (BLOCK_N, groups per program, warps), dynamic and static scales, CUDA-graph
-replay (median, µs).  Every variant's bits are compared with the torch oracle
+one-tile variants (BLOCK_N, groups per program, warps, ...; the prefetching kernel's among them),
+dynamic and static scales, CUDA-graph replay (median, µs).  Every variant's bits are compared with the torch oracle
 (``quant.quantize_dynamic`` / ``quant.quantize_groups``) first; a row says ``equal``.  The floor is
 the bytes moved (2 read + 1 written per element) at the rate a ``clone`` of the same packed
 tensor reaches.  Writes ``quant-<gpu>.csv`` and ``.md`` under --out after every shape.  GPU only;
@@ -27,17 +27,32 @@ from bench import gpu_label, shape_of  # noqa: E402
 
 from qflash_gen import quant, quant_kernels  # noqa: E402
 
+# fmt: off
 VARIANTS = {  # name -> tile argument of quantize_heads, by head size class
-    # (BLOCK_N, heads a program, warps[, 1-D grid[, register cap]]); False: the (groups, 3) grid
-    197: [(256, 1, 4), (256, 1, 8), (256, 1, 16), (256, 1, 8, False), (256, 1, 8, True, 80), (256, 1, 8, True, 64)],
-    49: [(64, 1, 4), (64, 2, 4), (64, 4, 4), (64, 4, 8), (64, 8, 8), (64, 2, 4, True, 80), (64, 2, 4, True, 64)],
+    # (BLOCK_N, heads a program, warps[, 1-D grid[, register cap[, programs a tensor[, stages]]]]);
+    # False: the (groups, 3) grid.  Programs > 0: the prefetching kernel, P programs a tensor each
+    # walking blocks p, p + P, ... (stages 3: Triton's pipeliner in place of register prefetch).
+    # P: one resident wave of 3P CTAs on an H200's 132 SMs at the registers cross-compiled for
+    # sm_90 (ViT-B, dynamic): 8 warps 254 (1 CTA an SM: P 44), capped at 128 (2 an SM: P 88);
+    # 4 warps 255 (2 an SM: P 88); N=49, GB 2, 4 warps 128 (4 an SM: P 176; 528 is three waves)
+    197: [
+        (256, 1, 4), (256, 1, 8), (256, 1, 16), (256, 1, 8, False), (256, 1, 8, True, 80), (256, 1, 8, True, 64),
+        (256, 1, 8, True, 0, 44), (256, 1, 8, True, 128, 88), (256, 1, 4, True, 0, 88), (256, 1, 8, True, 0, 44, 3),
+    ],
+    49: [
+        (64, 1, 4), (64, 2, 4), (64, 4, 4), (64, 4, 8), (64, 8, 8), (64, 2, 4, True, 80), (64, 2, 4, True, 64),
+        (64, 2, 4, True, 0, 176), (64, 2, 4, True, 0, 528),
+    ],
 }
+# fmt: on
 
 
 def variant_name(t: tuple) -> str:
     grid = "" if len(t) < 4 or t[3] else "grid2d"
     cap = f"r{t[4]}" if len(t) > 4 and t[4] else ""
-    return f"tile{t[0]}x{t[1]}w{t[2]}{grid}{cap}"
+    programs = f"p{t[5]}" if len(t) > 5 and t[5] else ""
+    stages = f"s{t[6]}" if len(t) > 6 and t[6] else ""
+    return f"tile{t[0]}x{t[1]}w{t[2]}{grid}{cap}{programs}{stages}"
 
 
 def packed_views(shape, seed=0):
