@@ -26,13 +26,30 @@ from qflash_gen.keys import DTYPE_NAMES, WorkloadKey, workload_key
 ENERGY_FIELDS: tuple[str, ...] = ("energy_uj", "energy_spread_uj", "above_idle_uj", "idle_w")
 OUT_DTYPES: tuple[str, ...] = DTYPE_NAMES
 TIMINGS: tuple[str, ...] = ("do_bench", "cudagraph")
-# Before its first timing, each timed GPU worker process busies the GPU (an idle H200 sat at a
-# 345 MHz SM clock and the first three timings were 3-4x too slow): ``gpu_jobs.warm_up``.
-GPU_WARMUP_S = 0.25  # busy time
-GPU_WARMUP_MAX_S = 0.5  # bound on the whole warm-up, cuBLAS's start included
+# Before a timing, the timed GPU worker process busies the GPU with fp16 matmuls
+# (``gpu_jobs.warm_up``) when it has not timed anything yet or when more than
+# ``GPU_IDLE_REWARM_S`` passed since its last timing: an idle H200 sat at a 345 MHz SM clock
+# (1980 MHz max) and the first three timings were 3-4x too slow; a study compiles each batch ahead
+# for seconds, and the first timings of a batch were again 2-6x slow with wide spreads while the
+# worker warmed only once.  Where NVML reads the SM clock and its maximum, the warm-up runs until
+# the clock reaches ``GPU_CLOCK_TARGET`` of the maximum; elsewhere for ``GPU_WARMUP_S``.
+GPU_WARMUP_S = 0.25  # busy time where the SM clock or its maximum cannot be read
+GPU_WARMUP_MAX_S = 1.0  # bound on one whole warm-up, cuBLAS's start included
+GPU_CLOCK_TARGET = 0.9  # stop warming once the SM clock reads >= this fraction of its maximum
+GPU_IDLE_REWARM_S = 1.0  # warm again before a timing that follows this much time without one
+# A timing whose spread (p80 - p20) exceeds this fraction of its median is taken again, after a
+# short warm-up, at most ``SPREAD_RETRIES`` times; the last one is kept (a bimodal timing: the
+# clock ramping during the reps, or host-side launch gaps).
+SPREAD_RETRY_FRACTION = 0.25
+SPREAD_RETRIES = 2
+GPU_RETRY_WARMUP_S = 0.05  # the short warm-up before a retry (clock target as above, <= 4x this)
 GPU_WARMUP_NOTE = (
-    f"each timed worker process runs fp16 matmuls on the GPU for {GPU_WARMUP_S * 1e3:.0f} ms "
-    f"(<= {GPU_WARMUP_MAX_S * 1e3:.0f} ms in all) before its first timing, again after a restart"
+    f"the timed worker process runs fp16 matmuls on the GPU before its first timing and before any "
+    f"timing that follows > {GPU_IDLE_REWARM_S:g} s without one: until NVML reads the SM clock at "
+    f">= {GPU_CLOCK_TARGET:.0%} of its maximum, else for {GPU_WARMUP_S * 1e3:.0f} ms "
+    f"(<= {GPU_WARMUP_MAX_S * 1e3:.0f} ms in all); a timing whose p80 - p20 spread exceeds "
+    f"{SPREAD_RETRY_FRACTION:.0%} of its median is taken again after a short warm-up "
+    f"(<= {SPREAD_RETRIES} times, the last kept, counted in the measurement's retries)"
 )
 
 
@@ -92,7 +109,9 @@ class Measurement:
 
     ``correct`` is bit-equality with the oracle; ``latency_us`` (median) and ``spread_us``
     (80th minus 20th percentile) are None when nothing was timed; ``error`` says why a
-    candidate failed (compile error, crash, timeout, mismatch, not in the recorded table)."""
+    candidate failed (compile error, crash, timeout, mismatch, not in the recorded table);
+    ``retries`` counts the timings taken again because their spread was too wide (see
+    ``SPREAD_RETRY_FRACTION``; the values are the last timing's)."""
 
     latency_us: float | None
     spread_us: float | None
@@ -106,6 +125,7 @@ class Measurement:
     energy_spread_uj: float | None = None
     above_idle_uj: float | None = None
     idle_w: float | None = None
+    retries: int = 0  # listed by to_dict only when > 0 (records without retries stay as they were)
 
     @classmethod
     def failed(cls, error: str) -> Measurement:
@@ -130,6 +150,8 @@ class Measurement:
         for key in ENERGY_FIELDS:  # absent unless measured (latency-only records stay as they were)
             if out[key] is None:
                 del out[key]
+        if not out["retries"]:
+            del out["retries"]
         return out
 
     @classmethod
@@ -145,6 +167,7 @@ class Measurement:
             correct=bool(data.get("correct", False)),
             error=data.get("error") or None,
             **{key: num(key) for key in ENERGY_FIELDS},
+            retries=int(data.get("retries") or 0),
         )
 
 

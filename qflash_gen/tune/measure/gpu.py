@@ -33,8 +33,9 @@ class GPUMeasurer(Measurer):
         target: the worker function (tests substitute a fake one).
         env: extra environment for the worker (``CUDA_VISIBLE_DEVICES`` for one GPU of many).
 
-    The timed worker warms the GPU before its first timing (``gpu_jobs.warm_up``, again after a
-    restart); :attr:`warmups` holds what each warm-up reported.  A study's DB decision rests on a
+    The timed worker warms the GPU before its first timing and after an idle gap
+    (``gpu_jobs.IdleRewarm``; a restarted worker warms again); :attr:`warmups` holds what each
+    warm-up reported.  A study's DB decision rests on a
     head-to-head of ``head_to_head_rounds`` alternating rounds (:mod:`qflash_gen.tune.headtohead`).
     """
 
@@ -57,7 +58,7 @@ class GPUMeasurer(Measurer):
         self.runner = IsolatedRunner(target, timeout_s=timeout_s, env=self.env)
         self._environment: dict[str, Any] | None = None
         self._compilers: list[IsolatedRunner] = []  # precompile's workers (started on first use)
-        self.warmups: list[dict[str, Any]] = []  # the timed worker's warm-ups (one per worker process)
+        self.warmups: list[dict[str, Any]] = []  # the timed worker's warm-ups (first timing, idle gaps)
 
     @property
     def protocol(self) -> dict[str, Any]:
