@@ -200,6 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         kept = f"the rows measured are in {args.record}" if args.exhaustive else "finished trials are in the study storage"
+        if not (args.exhaustive or args.export or args.no_db):
+            kept += " and each finished study's winner in the DB"
         print(f"qflash-tune: interrupted; {kept}, rerun to resume", file=sys.stderr)
         return 130
 
