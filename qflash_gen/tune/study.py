@@ -123,7 +123,6 @@ def study_name(prefix: str, gpu: str, shape: ShapeSpec, dtype: str, space: Searc
     return f"{prefix}/{gpu}/{shape.workload}/b{shape.batch}/{dtype}/space-{space.hash[:10]}{obj}"
 
 
-
 def load_result(
     storage: optuna.storages.BaseStorage | str,
     name: str,
@@ -264,8 +263,6 @@ def open_study(
         settings=settings,
         measured_by=measured_by,
     )
-
-
 
 
 @dataclasses.dataclass
