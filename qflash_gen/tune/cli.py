@@ -68,7 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--db", help="tuning DB directory or <gpu>.yaml file to merge into (default: the user DB)")
     p.add_argument("--no-db", action="store_true", help="do not write the DB (and do not enqueue its entry)")
     p.add_argument(
-        "--sqnr-floor", type=float, default=SQNR_FLOOR_DB, help=f"minimum SQNR in dB vs fp64 (default {SQNR_FLOOR_DB:g})"
+        "--sqnr-floor",
+        type=float,
+        default=SQNR_FLOOR_DB,
+        help=f"minimum SQNR in dB vs fp64 (default {SQNR_FLOOR_DB:g})",
     )
     p.add_argument(
         "--objective",
@@ -164,7 +167,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Console script ``qflash-tune`` (see the module doc)."""
     from qflash_gen.tune.measure.isolation import WorkerError
@@ -199,7 +201,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"qflash-tune: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        kept = f"the rows measured are in {args.record}" if args.exhaustive else "finished trials are in the study storage"
+        kept = (
+            f"the rows measured are in {args.record}" if args.exhaustive else "finished trials are in the study storage"
+        )
+        if not (args.exhaustive or args.export or args.no_db):
+            kept += " and each finished study's winner in the DB"
         print(f"qflash-tune: interrupted; {kept}, rerun to resume", file=sys.stderr)
         return 130
 

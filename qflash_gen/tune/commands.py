@@ -1,6 +1,7 @@
 """The modes of ``qflash-tune``, each a small command over the tuner's public functions.
 
-* :class:`Search` -- the default: open every study (a slot in each), search, write the winners;
+* :class:`Search` -- the default: open every study (a slot in each), then search each and write
+  its winner;
 * :class:`Export` -- ``--export``: write the DB from the studies in ``--storage``, measuring nothing;
 * :class:`Devices` -- ``--devices``: one device runner (a ``qflash-tune`` process) per GPU;
 * :class:`Sweep` -- ``--exhaustive``: measure a whole grid into a recorded table.
@@ -9,9 +10,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import socket
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from qflash_gen.gpu import check_gpu_name
@@ -37,13 +40,15 @@ class Command:
 
 
 class Search(Command):
-    """Tune: a slot in every study of the run, then each study's search, then the winners."""
+    """Tune: a slot in every study of the run, then each study in turn: its search, its final
+    head-to-head and its DB write (:class:`StudyEnd`), so a run cut short keeps every study it
+    finished; the summary of them all at the end."""
 
     def run(self, args: argparse.Namespace, shapes: list, *, measurer: Any, dtype: str, grid: Any, **_: Any) -> int:
         from rich.markup import escape
 
         from qflash_gen.tune import incumbent
-        from qflash_gen.tune.winners import check_writable, verdicts_for, write_winners
+        from qflash_gen.tune.winners import check_writable, verdicts_for
 
         out, err = consoles()
         shapes = self.replayable(args, measurer, shapes, err)
@@ -62,19 +67,16 @@ class Search(Command):
                 p.name: incumbent.settle(run.study, p.current, p.space, measurer, p.shape)
                 for p, run in zip(plans, runs, strict=True)
             }
-            _search_all(args, measurer, plans, runs, results, err)
-            duels = self.heads_to_heads(args, measurer, runs, results, currents, err)
+            end = StudyEnd(args, measurer, dtype, record, storage, storage_desc, err, currents)
+            _search_all(args, measurer, plans, runs, results, err, on_done=end)
         finally:
             for run in runs:
                 run.close()
         if args.no_db:
             written = None
-            verdicts = verdicts_for(args, results, currents, duels)
+            verdicts = verdicts_for(args, results, currents, end.duels)
         else:
-            records = {r.study_name: record for r, _ in results}
-            written = write_winners(
-                args, measurer.gpu, dtype, results, records, storage, storage_desc, err, currents=currents, duels=duels
-            )
+            written = end.written
             results, verdicts = written.results, written.verdicts
         summary_table(args, measurer.gpu, measurer.provenance.get("source"), results, out, verdicts)
         if written is not None:
@@ -84,26 +86,6 @@ class Search(Command):
             print(f"qflash-tune: error: {written.error}", file=sys.stderr)
             return 1
         return 0 if all(r.best is not None for r, _ in results) else 1
-
-    @staticmethod
-    def heads_to_heads(args: argparse.Namespace, measurer: Any, runs: list, results: list, currents: dict, err: Any) -> dict:
-        """Each study's final head-to-head of its best and the current pick (a GPU measurer's:
-        :func:`.incumbent.head_to_head`), by study name; none with a replayed table."""
-        from rich.markup import escape
-
-        from qflash_gen.tune import incumbent
-
-        duels = {}
-        for run, (r, space) in zip(runs, results, strict=True):
-            current = currents.get(r.study_name)
-            duel = incumbent.head_to_head(
-                run.study, r, space, current, measurer, floor=args.sqnr_floor, objective=args.objective
-            )
-            if duel is not None:
-                duels[r.study_name] = duel
-                if not err.is_terminal and not args.quiet:
-                    err.print(escape(f"{r.shape.label()}: best vs the runtime's pick, {duel.describe()}"))
-        return duels
 
     @staticmethod
     def replayable(args: argparse.Namespace, measurer: Any, shapes: list, err: Any) -> list:
@@ -172,6 +154,79 @@ class Search(Command):
         return runs
 
 
+@dataclasses.dataclass
+class StudyEnd:
+    """What :class:`Search` does as each study's search ends, before the next study starts: the
+    final head-to-head of its best and the runtime's current pick (a GPU measurer's,
+    :func:`.incumbent.head_to_head`: stored on the study, so ``--export`` and a resumed run use
+    it), then its DB write (:func:`.winners.write_winners`, unless ``--no-db``).  An interrupt
+    after study k leaves studies 1..k written.  ``duels`` (by study name) and ``written`` (the
+    writes folded together, :meth:`.winners.Written.add`) make the run's summary; after a DB
+    error no later study is written (the error says how to write them: ``--export``)."""
+
+    args: argparse.Namespace
+    measurer: Any
+    dtype: str
+    record: dict[str, Any]
+    storage: Any
+    storage_desc: str
+    err: Any
+    currents: dict[str, Any]
+    duels: dict[str, Any] = dataclasses.field(default_factory=dict)
+    written: Any = None  # winners.Written
+
+    def __post_init__(self) -> None:
+        from qflash_gen.tune.winners import Written
+
+        if self.written is None:
+            self.written = Written.nothing()
+
+    def __call__(self, run: Any, r: Any, space: Any) -> None:
+        from rich.markup import escape
+
+        from qflash_gen.tune import incumbent
+        from qflash_gen.tune.winners import Written, verdicts_for, write_winners
+
+        args, err, label = self.args, self.err, r.shape.label()
+        log = not args.quiet
+        duel = incumbent.head_to_head(
+            run.study, r, space, self.currents.get(r.study_name), self.measurer,
+            floor=args.sqnr_floor, objective=args.objective,
+        )  # fmt: skip
+        if duel is not None:
+            self.duels[r.study_name] = duel
+            if log and not err.is_terminal:
+                again = " (stored by an earlier run, not measured again)" if duel.earlier else ""
+                err.print(escape(f"{label}: best vs the runtime's pick, {duel.describe()}{again}"))
+        if args.no_db:
+            return
+        one = [(r, space)]
+        if self.written.error:  # the DB could not be written: the trials stay in the study storage
+            self.written.add(Written(None, [], [], one, verdicts_for(args, one, self.currents, self.duels)))
+            return
+        w = write_winners(
+            args, self.measurer.gpu, self.dtype, one, {r.study_name: self.record}, self.storage, self.storage_desc,
+            err, currents=self.currents, duels=self.duels,
+        )  # fmt: skip
+        self.written.add(w)
+        if log:
+            for line in _db_lines(label, w):
+                err.print(escape(line))
+
+
+def _db_lines(label: str, w: Any) -> list[str]:
+    """The log lines of one study's DB write, as it happens (the summary reports them all)."""
+    if w.error:
+        return [f"{label}: {w.error}; no later study of this run writes the DB"]
+    if w.report is not None:
+        rep = w.report
+        what = "added to" if rep.added else "replaced in" if rep.replaced else "kept: a better one is stored in"
+        return [f"{label}: DB entry {what} {rep.path}", *w.notes]
+    if w.notes:
+        return list(w.notes)
+    return [f"{label}: {v.note}" for v in w.verdicts.values()]
+
+
 class Export(Command):
     def run(self, args: argparse.Namespace, shapes: list, **_: Any) -> int:
         return _export(args, shapes)
@@ -187,8 +242,17 @@ class Sweep(Command):
         return _exhaustive(args, measurer, shapes, grid)
 
 
-def _search_all(args: argparse.Namespace, measurer: Any, plans: list, runs: list, results: list, err: Any) -> None:
-    """The studies' searches, one after the other, with a progress bar each."""
+def _search_all(
+    args: argparse.Namespace,
+    measurer: Any,
+    plans: list,
+    runs: list,
+    results: list,
+    err: Any,
+    on_done: Callable[[Any, Any, Any], None] | None = None,
+) -> None:
+    """The studies' searches, one after the other, with a progress bar each; ``on_done(run,
+    result, space)`` after each, before the next starts (:class:`StudyEnd`)."""
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -238,6 +302,8 @@ def _search_all(args: argparse.Namespace, measurer: Any, plans: list, runs: list
                         f"{r.n_measured} in study ({r.n_failed} failed), {best}, {r.wall_s:.0f} s"
                     )
                 )
+            if on_done is not None:
+                on_done(run, r, space)
 
 
 def _export(args: argparse.Namespace, shapes: list) -> int:

@@ -56,6 +56,7 @@ class HeadToHead:
     current: KernelConfig
     best_runs: tuple[Measurement, ...]
     current_runs: tuple[Measurement, ...]
+    earlier: bool = dataclasses.field(default=False, compare=False)  # read back from a study, not measured now
 
     @property
     def rounds(self) -> int:
@@ -103,6 +104,7 @@ class HeadToHead:
                 current=KernelConfig.from_dict(dict(data["current"])),
                 best_runs=tuple(Measurement.from_dict(m) for m in data["best_runs"]),
                 current_runs=tuple(Measurement.from_dict(m) for m in data["current_runs"]),
+                earlier=True,
             )
         except (KeyError, TypeError, ValueError):
             return None

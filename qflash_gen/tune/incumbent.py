@@ -153,7 +153,11 @@ def head_to_head(
     """The final head-to-head of the study's best and the current pick (:mod:`.headtohead`),
     measured now and stored on the Optuna ``study``; None (nothing measured) for a measurer
     without rounds (a replayed table), without a best or a current pick, where they are one
-    config, or where the current pick fails in the study (it is replaced without a contest)."""
+    config, or where the current pick fails in the study (it is replaced without a contest).
+
+    A resumed run that measured nothing new in the study gets the head-to-head an earlier run
+    stored there, where it is of the same two configs and every round measured
+    (``HeadToHead.earlier``): it is not measured again."""
     best = result.best
     if measurer.head_to_head_rounds < 1 or best is None or current is None:
         return None
@@ -163,6 +167,14 @@ def head_to_head(
     m = cur.measurement if cur is not None else current.measurement
     if m is None or not (m.feasible(floor) and has_values(m, objective)):
         return None
+    stored = stored_head_to_head(study.user_attrs)
+    if (
+        result.new_measurements == 0
+        and stored is not None
+        and stored.ok
+        and (stored.best, stored.current) == (best.config, current.config)
+    ):
+        return stored
     duel = headtohead.measure(measurer, result.shape, best.config, current.config)
     study.set_user_attr(HEAD_TO_HEAD_ATTR, duel.to_attr())
     return duel

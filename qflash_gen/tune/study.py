@@ -123,7 +123,6 @@ def study_name(prefix: str, gpu: str, shape: ShapeSpec, dtype: str, space: Searc
     return f"{prefix}/{gpu}/{shape.workload}/b{shape.batch}/{dtype}/space-{space.hash[:10]}{obj}"
 
 
-
 def load_result(
     storage: optuna.storages.BaseStorage | str,
     name: str,
@@ -266,8 +265,6 @@ def open_study(
     )
 
 
-
-
 @dataclasses.dataclass
 class StudyRun:
     """A study opened by this process (:func:`open_study`), holding slot ``slot`` until
@@ -310,6 +307,23 @@ class StudyRun:
         self.close()
 
 
+def _enqueue_warm(study: optuna.Study, space: SearchSpace, warm: Sequence[KernelConfig]) -> None:
+    """Enqueue the warm starts (none measured yet), each once: not where a trial of it waits, runs
+    or was pruned (infeasible), but again where its trials all failed unmeasured (a run interrupted
+    or killed while measuring it: Optuna's ``skip_if_exists`` would skip it for good, and a resumed
+    study would never measure the runtime's current pick it enqueued first)."""
+    tried = [
+        t.system_attrs.get("fixed_params", t.params)
+        for t in study.get_trials(deepcopy=False)
+        if t.state != TrialState.FAIL
+    ]
+    for config in warm:
+        params = space.params_for(config)
+        if params not in tried:
+            study.enqueue_trial(params)
+            tried.append(params)
+
+
 def _search(
     run: StudyRun,
     measurer: Measurer,
@@ -326,8 +340,7 @@ def _search(
     tracker.refresh(study)
     measured = tracker.by_hash  # every measured config of the study: earlier runs and other processes too
     warm = [c for c in enqueue if space.params_for(c) is not None and c.hash not in measured]
-    for config in warm:
-        study.enqueue_trial(space.params_for(config), skip_if_exists=True)
+    _enqueue_warm(study, space, warm)
 
     rng = random.Random(settings.seed if settings.seed is None else settings.seed + slot)
     owner = storage_mod.owner_tag()

@@ -191,6 +191,32 @@ class Written:
     verdicts: dict[str, Any]
     error: str | None = None
 
+    @classmethod
+    def nothing(cls) -> Written:
+        """No study written yet: what :meth:`add` folds each study's write into."""
+        return cls(None, [], [], [], {})
+
+    def add(self, other: Written) -> None:
+        """Fold ``other`` (the write of the next study, :func:`write_winners`) into this one, as
+        if both had been written in one call: the reports' keys, fronts, notes (once each),
+        results and verdicts in order; the first error."""
+        if self.report is None:
+            self.report = other.report
+        elif other.report is not None:
+            a, b = self.report, other.report
+            self.report = dataclasses.replace(
+                a,
+                added=[*a.added, *b.added],
+                replaced=[*a.replaced, *b.replaced],
+                kept=[*a.kept, *b.kept],
+                not_fresh=[*a.not_fresh, *b.not_fresh],
+            )
+        self.fronts += other.fronts
+        self.notes += [n for n in other.notes if n not in self.notes]
+        self.results += other.results
+        self.verdicts.update(other.verdicts)
+        self.error = self.error or other.error
+
 
 def verdicts_for(
     args: argparse.Namespace, results: list, currents: Mapping[str, Any], duels: Mapping[str, Any] | None = None
@@ -277,7 +303,9 @@ def write_winners(
 ) -> Written:
     """Write the winners this process has the turn for (:func:`study.claim_db_write`), each only
     where it beats the runtime's current pick (``currents``, :func:`.incumbent.judge`; from the
-    final head-to-head in ``duels`` where there is one).
+    final head-to-head in ``duels`` where there is one).  ``qflash-tune`` calls it for each study
+    as that study's search ends (:meth:`Written.add` gathers the run's report); ``--export``
+    once for all.
 
     The results come back refreshed from storage where this process wrote them (they then hold
     every slot's trials); the verdicts are judged on those same records.  A DB that cannot be
@@ -340,6 +368,10 @@ def write_winners(
             f"{export_hint(args, gpu, storage_desc)}"
         )
         return Written(None, [], notes, fresh, verdicts, error)  # the caller prints it after the summary
+    except BaseException:  # an interrupt: the turns end unwritten (a rerun writes them)
+        for t, _ in turns:
+            t.cancel()
+        raise
     for t, _ in turns:
         t.done(db=str(report.path) if report is not None else None, device=args.device_label)
     return Written(report, fronts, notes, fresh, verdicts)
