@@ -23,17 +23,23 @@ Two kernels, one launch either way (``tile_plan`` picks):
   together).  On an H200 at ViT-B b=64: 73.7 us, against 140.9 for the chunked kernel and 21.5
   for the bytes alone (docs/perf-notes.md, seventh session).
 * chunked (``_quantize_heads``), for longer sequences: program (g, t) reads the head in CH-row
-  chunks, one pass for max|x| (k smoothed: two more) and one that quantizes and stores.
+  chunks, one pass for max|x| (k smoothed: two more) and one that quantizes and stores.  At
+  ViT-B/384 b=64 on an H200: 431 us a layer against a byte floor of about 64 (whole-model profile,
+  docs/perf-notes.md).
 
-A variant of the one-tile kernel that ``tile_plan`` does not pick (untimed on a GPU so far):
-``_quantize_tiles_prefetch`` (``quantize_heads(tile=(..., programs))``), P programs a tensor, each
-walking the blocks p, p + P, ... with the next block's load in flight while the current block
-computes and stores; the one-tile kernel waits out its one load in every program.
+Variants that ``tile_plan`` does not pick (untimed on a GPU so far): ``_quantize_tiles_prefetch``
+(``quantize_heads(tile=(..., programs))``), P programs a tensor, each walking the blocks p, p + P,
+... with the next block's load in flight while the current block computes and stores (the one-tile
+kernel waits out its one load in every program); and the chunked kernel's launch options
+(``quantize_heads(tile=Chunked(ch, warps, t_fast, stages))``): rows a chunk, warps, the 1-D grid
+and pipelined chunk loops.
 
 This is not a template: the attention kernel's template hash and the tuning DB don't see it.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import triton
@@ -60,11 +66,11 @@ def _chunk(X, base, sxn, start, offs_n, offs_d, N):
 
 
 @triton.jit
-def _scale(X, base, sxn, N, mean, offs_n, offs_d, CH: tl.constexpr):
+def _scale(X, base, sxn, N, mean, offs_n, offs_d, CH: tl.constexpr, STAGES: tl.constexpr):
     """max|x - mean| over the finite elements of the head / 127 (at least quant.MIN_SCALE = 2**-100),
     or 1 where it is 0."""
     m = tl.zeros([CH, offs_d.shape[0]], tl.float32)
-    for start in tl.range(0, N, CH):
+    for start in tl.range(0, N, CH, num_stages=STAGES):
         x, ok = _chunk(X, base, sxn, start, offs_n, offs_d, N)
         a = tl.abs(x - mean[None, :])
         m = tl.maximum(m, tl.where(ok & (a <= 3.4028234663852886e38), a, 0.0))
@@ -77,9 +83,23 @@ def _quantize_heads(
     Q, K, V, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
     Q8, K8, V8, SCALES, stride_sz, stride_sh, H, N, NP,
     CH: tl.constexpr, D: tl.constexpr, DYNAMIC: tl.constexpr, SMOOTH_K: tl.constexpr,
+    T_FAST: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
-    g = tl.program_id(0)  # batch * H + head
-    t = tl.program_id(1)  # 0 q, 1 k, 2 v
+    """Program (g, t): tensor t (q, k or v) of group g (batch * H + head) in CH-row chunks, one
+    pass over the head for max|x| (k smoothed: two more, its int8 mean and max|x - mean|), then
+    one that quantizes and stores; every pass reads the head again (from L2 where it still is).
+    T_FAST: a 1-D grid, program 3g + t (q, k and v of a head side by side, as _quantize_tiles);
+    else grid (groups, 3).  STAGES: every chunk loop's tl.range num_stages.  None: Triton's
+    default, which leaves these loops unpipelined (each chunk's load issued after the previous
+    chunk's reduction).  Else the pipeliner's cp.async copies to STAGES - 1 shared-memory buffers
+    (TTGIR, sm_90, Triton 3.6 and 3.8): at 3, chunk i + 1's copy is in flight while chunk i is
+    reduced; at 2 (one buffer) the next copy is issued after the current chunk is read out."""
+    if T_FAST:
+        g = tl.program_id(0) // 3  # batch * H + head
+        t = tl.program_id(0) % 3  # 0 q, 1 k, 2 v
+    else:
+        g = tl.program_id(0)
+        t = tl.program_id(1)
     z = g // H
     h = g % H
     if t == 0:
@@ -93,23 +113,23 @@ def _quantize_heads(
     mean = tl.zeros([D], tl.float32)
     s_ptr = SCALES + z * stride_sz + h * stride_sh + t
     if DYNAMIC:
-        s = _scale(X, base, sxn, N, mean, offs_n, offs_d, CH)
+        s = _scale(X, base, sxn, N, mean, offs_n, offs_d, CH, STAGES)
         if SMOOTH_K:
             if t == 1:
                 # k minus its per-channel mean over the N tokens (quant.smooth_k): the mean on the
                 # int8 grid of the first scale, float32(sum of int8) * s / N, then the scale again
                 inv = tl.div_rn(1.0, s)
                 total = tl.zeros([CH, D], tl.int32)
-                for start in tl.range(0, N, CH):
+                for start in tl.range(0, N, CH, num_stages=STAGES):
                     x, ok = _chunk(X, base, sxn, start, offs_n, offs_d, N)
                     total += tl.where(ok, _rint8(x, inv), 0)
                 mean = tl.div_rn(tl.sum(total, axis=0).to(tl.float32) * s, N.to(tl.float32))
-                s = _scale(X, base, sxn, N, mean, offs_n, offs_d, CH)
+                s = _scale(X, base, sxn, N, mean, offs_n, offs_d, CH, STAGES)
         tl.store(s_ptr, s)
     else:
         s = tl.load(s_ptr)
     inv = tl.div_rn(1.0, s)
-    for start in tl.range(0, N, CH):
+    for start in tl.range(0, N, CH, num_stages=STAGES):
         x, ok = _chunk(X, base, sxn, start, offs_n, offs_d, N)
         x8 = _rint8(x - mean[None, :], inv).to(tl.int8)
         rows = start + offs_n
@@ -313,6 +333,46 @@ def tile_plan(n: int, d: int, dynamic: bool = True) -> tuple[int, int, int] | No
     return bn, gb, min(max(warps, 4), 16)
 
 
+@dataclasses.dataclass(frozen=True)
+class Chunked:
+    """Launch options of the chunked kernel (``_quantize_heads``), for ``quantize_heads(tile=...)``.
+    ``Chunked()`` is what ``tile=False`` and, where no tile fits a head, the default choice run.
+
+    Attributes:
+        ch: rows per chunk, a power of two (the last chunk masked where it does not divide N);
+            None: 32 where D >= 64, else 64, at most N rounded up to a power of two.
+        warps: num_warps.
+        t_fast: the 1-D grid, program 3g + t (q, k and v of a head side by side); else the
+            (groups, 3) grid.
+        stages: num_stages of every chunk loop (``tl.range``); None: Triton's default, which
+            leaves them unpipelined.
+    """
+
+    ch: int | None = None
+    warps: int = 4
+    t_fast: bool = False
+    stages: int | None = None
+
+    def __post_init__(self):
+        if self.ch is not None and (self.ch < 1 or self.ch & (self.ch - 1)):
+            raise ValueError(f"{self!r}: rows per chunk must be a power of two >= 1")
+        if self.warps < 1 or self.warps & (self.warps - 1) or self.warps > 32:
+            raise ValueError(f"{self!r}: warps must be a power of two in 1..32")
+        if self.stages is not None and self.stages < 1:
+            raise ValueError(f"{self!r}: stages must be None or >= 1")
+
+    def rows(self, n: int, d: int) -> int:
+        """CH for heads of N rows and D channels."""
+        return self.ch if self.ch is not None else min(32 if d >= 64 else 64, triton.next_power_of_2(max(n, 1)))
+
+    @property
+    def name(self) -> str:
+        """A short unique label: chunk<CH>w<warps>[grid1d][s<stages>] (CH "auto" where None)."""
+        grid = "grid1d" if self.t_fast else ""
+        stages = f"s{self.stages}" if self.stages is not None else ""
+        return f"chunk{self.ch or 'auto'}w{self.warps}{grid}{stages}"
+
+
 def key_major_int8(shape, device) -> torch.Tensor:
     """An int8 (B, H, N, D) view in quant.key_major's layout (padding keys unset)."""
     b, h, n, d = shape
@@ -327,19 +387,24 @@ def quantize_heads(
     *,
     params: KernelParams | None = None,
     smooth: bool = True,
-    tile: tuple | None | bool = None,
+    tile: tuple | Chunked | None | bool = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, KernelParams]:
     """int8 q, k, v8 (key-major) and the KernelParams of (B, H, N, D) float q, k, v (one shape,
     any strides).  Dynamic (``params`` None): one scale per (batch, head) and tensor, k smoothed
     unless ``smooth=False``, softmax scale ``scale`` (default 1/sqrt(D)): the bits of
     ``quant.quantize_dynamic``.  Static: quantized at ``params``' scales (its groups), which are
     returned unchanged.  One launch, no sync, no input checks (``qflash_gen.attention`` and the
-    ops check q, k, v first).  ``tile`` (benchmarks and tests; default :func:`tile_plan`'s choice):
-    False for the chunked kernel, or the one-tile kernels' (BLOCK_N, GB, num_warps[, T_FAST[,
-    register cap[, programs[, stages]]]]), trailing ones defaulting to (True, 0, 0, 0): 1-D grid,
-    no cap; programs > 0 runs the prefetching kernel with that many programs a tensor (at most
-    one per block), stages 0 its register double buffering, else Triton's pipeliner at
-    num_stages=stages."""
+    ops check q, k, v first).  ``tile`` (benchmarks and tests; default :func:`tile_plan`'s choice,
+    ``Chunked()`` where it has none):
+
+    * False: the chunked kernel at its default options (``Chunked()``);
+    * a :class:`Chunked`: the chunked kernel with those options (rows a chunk, warps, 1-D grid,
+      pipelined loops);
+    * a tuple: the one-tile kernels' (BLOCK_N, GB, num_warps[, T_FAST[, register cap[,
+      programs[, stages]]]]), trailing ones defaulting to (True, 0, 0, 0): 1-D grid, no cap;
+      programs > 0 runs the prefetching kernel with that many programs a tensor (at most one per
+      block), stages 0 its register double buffering, else Triton's pipeliner at
+      num_stages=stages."""
     b, h, n, d = q.shape
     dev = q.device
     q, k, v = (t if t.stride(3) == 1 else t.contiguous() for t in (q, k, v))
@@ -355,7 +420,15 @@ def quantize_heads(
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2))  # fmt: skip
     plan = tile_plan(n, d, dynamic) if tile is None else tile
-    if plan:
+    if not plan:  # False, or no tile holds a head: the chunked kernel at its default options
+        plan = Chunked()
+    if isinstance(plan, Chunked):
+        _quantize_heads[(3 * b * h,) if plan.t_fast else (b * h, 3)](
+            q, k, v, *strides, q8, k8, v8, params.scales, *params.strides(), h, n, v8.stride(3),
+            CH=plan.rows(n, d), D=d, DYNAMIC=dynamic, SMOOTH_K=smooth, T_FAST=plan.t_fast, STAGES=plan.stages,
+            num_warps=plan.warps,
+        )  # fmt: skip
+    else:
         # defaults: 1-D grid, no register cap, one tile a program (programs 0), register prefetch
         bn, gb, warps, t_fast, max_regs, programs, stages = (*plan, *(True, 0, 0, 0)[len(plan) - 3 :])
         if bn < n or bn & (bn - 1) or gb < 1 or gb & (gb - 1):  # a short tile would skip rows
@@ -371,10 +444,4 @@ def quantize_heads(
             _quantize_tiles_prefetch[(3 * p,) if t_fast else (p, 3)](*args, STAGES=stages, **meta)
         else:
             _quantize_tiles[(3 * blocks,) if t_fast else (blocks, 3)](*args, **meta)
-    else:
-        _quantize_heads[(b * h, 3)](
-            q, k, v, *strides, q8, k8, v8, params.scales, *params.strides(), h, n, v8.stride(3),
-            CH=min(32 if d >= 64 else 64, triton.next_power_of_2(n)), D=d, DYNAMIC=dynamic, SMOOTH_K=smooth,
-            num_warps=4,
-        )  # fmt: skip
     return q8, k8, v8, params

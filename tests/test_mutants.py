@@ -38,6 +38,7 @@ from helpers import assert_bit_equal, int8_problem, kernel_device
 
 from qflash_gen import codegen, launch, quant, quant_kernels, reference
 from qflash_gen.config import DEFAULT_CONFIG, KernelConfig
+from qflash_gen.quant_kernels import Chunked
 
 pytestmark = pytest.mark.gpu
 
@@ -315,6 +316,13 @@ MUTANTS = [
         case="specials",
     ),
     Mutant(
+        "chunked quantizer's 1-D grid reads program 3g + t as group t",
+        "quant_kernels",
+        "g = tl.program_id(0) // 3  # batch * H + head",
+        "g = tl.program_id(0) % 3  # batch * H + head",
+        case="shared_k",
+    ),
+    Mutant(
         "torch quantizer scale counts Inf and NaN",
         "quant",
         "finite = torch.where(torch.isfinite(x), x.abs(), torch.zeros((), dtype=x.dtype, device=x.device))",
@@ -415,8 +423,9 @@ def _run_oracle(ref, qnt, cfg: KernelConfig, case: Case, out_dtype: torch.dtype)
 
 # quantize_heads' kernels on the (2, 3, 37, D) quantizer cases: the one-tile kernel, its prefetching
 # variant with register double buffering (6 blocks over 4 programs a tensor: two walk 2 blocks) and
-# with Triton's pipeliner (3 blocks over 2 programs), the chunked kernel
-FUSED_TILES = (None, (64, 1, 4, True, 0, 4), (64, 2, 4, True, 0, 2, 3), False)
+# with Triton's pipeliner (3 blocks over 2 programs), the chunked kernel at its default options and
+# on the 1-D grid with 16-row chunks (a 5-row tail) and pipelined loops
+FUSED_TILES = (None, (64, 1, 4, True, 0, 4), (64, 2, 4, True, 0, 2, 3), False, Chunked(16, 8, True, 3))
 
 
 def _quantized(qnt, case: Case) -> list[torch.Tensor]:
@@ -424,7 +433,9 @@ def _quantized(qnt, case: Case) -> list[torch.Tensor]:
     module: the fused one (``quantize_heads``, each of FUSED_TILES' kernels) or the torch one
     (``quantize_dynamic``, listed as often to match)."""
     if hasattr(qnt, "quantize_heads"):
-        runs = [qnt.quantize_heads(case.q, case.k, case.v, tile=tile) for tile in FUSED_TILES]
+        # a Chunked as the module's own class (a mutated copy defines another)
+        tiles = [qnt.Chunked(**dataclasses.asdict(t)) if isinstance(t, Chunked) else t for t in FUSED_TILES]
+        runs = [qnt.quantize_heads(case.q, case.k, case.v, tile=tile) for tile in tiles]
     else:
         runs = [qnt.quantize_dynamic(case.q, case.k, case.v, D)] * len(FUSED_TILES)
     return [

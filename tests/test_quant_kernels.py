@@ -10,6 +10,7 @@ from helpers import assert_bit_equal, kernel_device
 
 from qflash_gen import quant, quant_kernels
 from qflash_gen.api import attention
+from qflash_gen.quant_kernels import Chunked
 
 pytestmark = pytest.mark.gpu
 
@@ -33,7 +34,14 @@ def _inputs(case, dtype, shape=(2, 3, 37, 32), seed=0):
 
 # The kernels quantize_heads picks from: the one-tile kernel (a head's N x D in registers; GB groups
 # per program, the last program partly masked when GB does not divide B * H), its prefetching
-# variant (P programs a tensor walking the blocks; 6 groups here) and the chunked one
+# variant (P programs a tensor walking the blocks; 6 groups here) and the chunked one with its launch
+# options (N = 37 here: 16-row chunks on the 1-D grid leave a 5-row tail, 64 rows are one masked
+# chunk; the interpreter ignores stages, but the pipelined loops' source runs)
+CHUNKED = {
+    "chunked": False,
+    "chunk16_grid1d_pipelined": Chunked(16, 8, True, 3),
+    "chunk64_w8": Chunked(64, 8),
+}
 KERNELS = {
     "tile": None,
     "tile_gb4": (64, 4, 4),
@@ -42,7 +50,7 @@ KERNELS = {
     "prefetch": (64, 1, 4, True, 0, 4),  # 6 blocks over 4 programs: two walk 2, two walk 1
     "prefetch_gb4_grid2d": (64, 4, 4, False, 0, 1),  # one program walks both blocks, the last half masked
     "prefetch_pipelined": (64, 2, 4, True, 0, 2, 3),  # Triton's pipeliner in place of the register prefetch
-    "chunked": False,
+    **CHUNKED,
 }
 
 
@@ -108,8 +116,59 @@ def test_chunked_and_masked_tiles_equal_torch(shape):
     assert_bit_equal(got[3].scales, want[3].scales.reshape(got[3].scales.shape))
 
 
+# Long heads (ViT/384's N = 577; 300) as views of a packed projection, the chunk rows not dividing N
+LONG_CHUNKED = {
+    "default": None,  # tile_plan: no tile holds the head, the chunked kernel at Chunked()
+    "chunk64_w8_grid1d": Chunked(64, 8, True),
+    "chunk128_w16_pipelined": Chunked(128, 16, True, 3),
+    "chunk256_w4": Chunked(256, 4, False, 4),
+}
+
+
+@pytest.mark.parametrize("n", [300, 577])
+@pytest.mark.parametrize("kernel", list(LONG_CHUNKED))
+def test_chunked_variants_on_long_packed_heads(n, kernel):
+    """Chunked launch variants (the default, the 1-D grid, pipelined loops, chunks longer than
+    N / 2) on strided q, k, v views of a (B, N, 3, H, D) fp16 projection (B * H = 2, D = 64):
+    dynamic with and without k's smoothing, and static per-(batch, head) scales, against the
+    torch oracle."""
+    dev = kernel_device()
+    g = torch.Generator().manual_seed(n)
+    qkv = torch.rand(1, n, 3, 2, 64, generator=g) * 8 - 4
+    qkv[:, :, 1] += torch.randn(64, generator=g) * 20  # a component every token of k shares
+    qkv[0, n - 1, 0, 1, 5] = float("nan")  # in the last (masked) chunk
+    qkv[0, n - 2, 1, 0, 7] = float("inf")  # in k: out of its scale and its mean
+    q, k, v = qkv.to(dev, torch.float16).permute(2, 0, 3, 1, 4).unbind(0)
+    assert not q.is_contiguous()
+    tile = LONG_CHUNKED[kernel]
+    assert quant_kernels.tile_plan(n, 64) is None
+    for smooth in (True, False):
+        got = quant_kernels.quantize_heads(q, k, v, smooth=smooth, tile=tile)
+        want = quant.quantize_dynamic(q, k, v, 64, smooth=smooth)
+        for a, b in zip(got[:3], want[:3], strict=True):
+            assert_bit_equal(a, b)
+        assert_bit_equal(got[3].scales, want[3].scales.reshape(got[3].scales.shape))
+    scales = [want[3].scales[..., i].reshape(1, 2) for i in range(3)]
+    params = quant.make_params(*scales, head_dim=64)
+    static = quant_kernels.quantize_heads(q, k, v, params=params, tile=tile)
+    for a, t, s in zip(static[:3], (q, k, v), scales, strict=True):
+        assert_bit_equal(a, quant.quantize_groups(t, s))
+
+
+def test_chunked_options():
+    """Chunked() is the default launch (32 rows where D >= 64, 64 below, at most N's power of two);
+    rows a chunk and warps must be powers of two; names are distinct."""
+    assert Chunked().rows(577, 64) == 32 and Chunked().rows(577, 32) == 64 and Chunked().rows(20, 64) == 32
+    assert Chunked().rows(9, 32) == 16 and Chunked(128).rows(9, 32) == 128
+    for bad in (dict(ch=48), dict(ch=0), dict(warps=3), dict(warps=64), dict(stages=0)):
+        with pytest.raises(ValueError):
+            Chunked(**bad)
+    variants = [Chunked(), Chunked(32), Chunked(32, 4, True), Chunked(32, 4, True, 3), Chunked(32, 8, True, 3)]
+    assert len({c.name for c in variants}) == len(variants)
+
+
 @pytest.mark.parametrize("groups", ["tensor", "head", "batch_head"])
-@pytest.mark.parametrize("kernel", ["tile", "prefetch", "prefetch_gb4_grid2d", "chunked"])
+@pytest.mark.parametrize("kernel", ["tile", "prefetch", "prefetch_gb4_grid2d", *CHUNKED])
 def test_static_quantization_equals_torch(groups, kernel):
     q, k, v = _inputs("specials", torch.float16)
     b, h = q.shape[:2]

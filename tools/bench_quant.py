@@ -4,8 +4,9 @@ over (a packed (B, N, 3, H, D) fp16 projection), for each kernel it can run, aga
     python tools/bench_quant.py --out out --workloads A1,A2,A3,A4,A5 --batches 1,8,64
 
 For each workload and batch: the default choice (``tile_plan``), the chunked kernel and the listed
-one-tile variants (BLOCK_N, groups per program, warps, ...; the prefetching kernel's among them),
-dynamic and static scales, CUDA-graph replay (median, µs).  Every variant's bits are compared with the torch oracle
+one-tile variants (BLOCK_N, groups per program, warps, ...; the prefetching kernel's among them) or,
+for heads no tile holds (N = 577, 1370), the chunked kernel's launch variants (``Chunked``: rows a
+chunk, warps, 1-D grid, pipelined loops), dynamic and static scales, CUDA-graph replay (median, µs).  Every variant's bits are compared with the torch oracle
 (``quant.quantize_dynamic`` / ``quant.quantize_groups``) first; a row says ``equal``.  The floor is
 the bytes moved (2 read + 1 written per element) at the rate a ``clone`` of the same packed
 tensor reaches.  Writes ``quant-<gpu>.csv`` and ``.md`` under --out after every shape.  GPU only;
@@ -26,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import gpu_label, shape_of  # noqa: E402
 
 from qflash_gen import quant, quant_kernels  # noqa: E402
+from qflash_gen.quant_kernels import Chunked  # noqa: E402
 
 # fmt: off
 VARIANTS = {  # name -> tile argument of quantize_heads, by head size class
@@ -45,9 +47,36 @@ VARIANTS = {  # name -> tile argument of quantize_heads, by head size class
     ],
 }
 # fmt: on
+# Heads no tile holds (ViT/384 N = 577, DINOv2/518 N = 1370, D = 64): the chunked kernel's launch
+# options, Chunked(rows a chunk, warps, 1-D grid, stages); the default choice is Chunked(32, 4).
+# Registers cross-compiled for sm_90 at D = 64 with Triton 3.6 (the device's; a kernel's count is
+# its k program's: dynamic, k smoothed), static in brackets; no spills.  Stages 3 keep two chunks
+# in shared memory (one in flight while the other is reduced), 4 three; every chunk loop is
+# pipelined (cp.async in the TTGIR).  The trade counted: programs an SM (registers) x chunks in
+# flight x chunk bytes (default: 8 x 1 x 4 KB) against the heads those programs re-read from L2
+# (default at N = 577: 1,056 resident head tensors x 74 KB = 78 MB, over the H200's L2; 128 rows,
+# 16 warps, stages 3: 2 x 2 x 16 KB in flight, 19.5 MB resident).
+LONG_HEADS = [
+    Chunked(32, 4, True),  # the default's launch on the 1-D grid: 64 (40)
+    Chunked(64, 4, True),  # 96 (56)
+    Chunked(64, 8),  # 64 (40)
+    Chunked(64, 8, True),
+    Chunked(128, 8, True),  # 127 (64)
+    Chunked(128, 16, True),  # 64 (32)
+    Chunked(256, 16, True),  # 128 (64)
+    Chunked(32, 4, True, 3),  # 69 (48), 8 KB shared
+    Chunked(32, 4, True, 4),  # 70 (48), 12 KB
+    Chunked(64, 8, True, 3),  # 68 (48), 16 KB
+    Chunked(64, 8, True, 4),  # 76 (48), 24 KB
+    Chunked(128, 8, True, 3),  # 128 (80), 32 KB
+    Chunked(128, 16, True, 3),  # 64 (52), 32 KB
+]
+VARIANTS[577] = VARIANTS[1370] = LONG_HEADS
 
 
-def variant_name(t: tuple) -> str:
+def variant_name(t: tuple | Chunked) -> str:
+    if isinstance(t, Chunked):
+        return t.name
     grid = "" if len(t) < 4 or t[3] else "grid2d"
     cap = f"r{t[4]}" if len(t) > 4 and t[4] else ""
     programs = f"p{t[5]}" if len(t) > 5 and t[5] else ""
@@ -80,9 +109,11 @@ def bench_shape(name: str, batch: int) -> list[dict]:
     sq, sk, sv = (want_dyn[3].scales[..., i].reshape(b, h).contiguous() for i in range(3))
     params = quant.make_params(sq, sk, sv, head_dim=d)
     want_static = tuple(quant.quantize_groups(t, s) for t, s in ((q, sq), (k, sk), (v, sv)))
-    default = quant_kernels.tile_plan(n, d)
+    default = quant_kernels.tile_plan(n, d) or f"({Chunked().name})"  # no tile holds a head: chunked
     variants = [("default", None), ("chunked", False)]
-    variants += [(variant_name(t), t) for t in VARIANTS.get(n, []) if t[0] * t[1] * d <= 32768]
+    variants += [
+        (variant_name(t), t) for t in VARIANTS.get(n, []) if isinstance(t, Chunked) or t[0] * t[1] * d <= 32768
+    ]
     rows = []
     for vname, tile in variants:
         for mode in ("dynamic", "static"):
