@@ -18,7 +18,7 @@ step tests "${TESTS_S:-120}" python3 -m pytest -m gpu -q -n 8 -p no:cacheprovide
   tests/test_oracle_equality.py tests/test_attention_api.py tests/test_quant_kernels.py tests/test_static_inputs.py \
   tests/test_heads_per_program.py tests/test_ivit_baseline.py tests/test_get_kernel.py tests/test_models.py \
   tests/test_properties.py
-step quant "${QUANT_S:-90}" python3 tools/bench_quant.py --out "$OUT" --workloads A3,A2,A1,A5,A4 --batches 64,8
+step quant "${QUANT_S:-90}" python3 tools/bench_quant.py --out "$OUT" --workloads A3,vit_b_384,A4,dinov2_b_518,A2 --batches 64,8
 step models "${MODELS_S:-150}" python3 tools/bench_models.py --out "$OUT" --models vit_t,vit_s,vit_b,deit_s,swin_t,vit_b_384 \
   --batches 1,64 --repeats 3 --iters 10
 if [ -d .fidelity ]; then
