@@ -58,6 +58,22 @@ KERNELS = {
 @pytest.mark.parametrize("case", ["uniform", "specials", "zeros", "tiny", "subnormal", "shared_k"])
 @pytest.mark.parametrize("smooth", [True, False])
 @pytest.mark.parametrize("kernel", list(KERNELS))
+
+def assert_dynamic_and_static_equal_torch(q, k, v, tile, smooth=True):
+    """quantize_heads(tile=tile) on (B, H, N, D) q, k, v gives the torch oracle's bits with dynamic
+    scales (k smoothed or not), then with those scales given as static ones."""
+    b, h, _, d = q.shape
+    got = quant_kernels.quantize_heads(q, k, v, smooth=smooth, tile=tile)
+    want = quant.quantize_dynamic(q, k, v, d, smooth=smooth)
+    for x, y in zip(got[:3], want[:3], strict=True):
+        assert_bit_equal(x, y)
+    assert_bit_equal(got[3].scales, want[3].scales.reshape(got[3].scales.shape))
+    scales = [want[3].scales[..., i].reshape(b, h) for i in range(3)]
+    params = quant.make_params(*scales, head_dim=d)
+    static = quant_kernels.quantize_heads(q, k, v, params=params, tile=tile)
+    for x, t, s in zip(static[:3], (q, k, v), scales, strict=True):
+        assert_bit_equal(x, quant.quantize_groups(t, s))
+
 def test_dynamic_quantization_equals_torch(dtype, case, smooth, kernel):
     q, k, v = _inputs(case, dtype)
     if case == "subnormal" and dtype != torch.float32:
@@ -143,16 +159,7 @@ def test_chunked_variants_on_long_packed_heads(n, kernel):
     tile = LONG_CHUNKED[kernel]
     assert quant_kernels.tile_plan(n, 64) is None
     for smooth in (True, False):
-        got = quant_kernels.quantize_heads(q, k, v, smooth=smooth, tile=tile)
-        want = quant.quantize_dynamic(q, k, v, 64, smooth=smooth)
-        for a, b in zip(got[:3], want[:3], strict=True):
-            assert_bit_equal(a, b)
-        assert_bit_equal(got[3].scales, want[3].scales.reshape(got[3].scales.shape))
-    scales = [want[3].scales[..., i].reshape(1, 2) for i in range(3)]
-    params = quant.make_params(*scales, head_dim=64)
-    static = quant_kernels.quantize_heads(q, k, v, params=params, tile=tile)
-    for a, t, s in zip(static[:3], (q, k, v), scales, strict=True):
-        assert_bit_equal(a, quant.quantize_groups(t, s))
+        assert_dynamic_and_static_equal_torch(q, k, v, tile, smooth)
 
 
 def test_chunked_options():
@@ -213,16 +220,7 @@ def test_prefetch_walks_blocks_not_a_multiple_of_the_programs(programs, smooth):
     qkv[:, :, 1] += torch.randn(32, generator=g) * 20  # a component every token of k shares
     q, k, v = qkv.to(dev, torch.float16).permute(2, 0, 3, 1, 4).unbind(0)
     tile = (64, 2, 4, True, 0, programs)
-    got = quant_kernels.quantize_heads(q, k, v, smooth=smooth, tile=tile)
-    want = quant.quantize_dynamic(q, k, v, 32, smooth=smooth)
-    for a, b in zip(got[:3], want[:3], strict=True):
-        assert_bit_equal(a, b)
-    assert_bit_equal(got[3].scales, want[3].scales.reshape(got[3].scales.shape))
-    scales = [want[3].scales[..., i].reshape(3, 5) for i in range(3)]
-    params = quant.make_params(*scales, head_dim=32)
-    static = quant_kernels.quantize_heads(q, k, v, params=params, tile=tile)
-    for a, t, s in zip(static[:3], (q, k, v), scales, strict=True):
-        assert_bit_equal(a, quant.quantize_groups(t, s))
+    assert_dynamic_and_static_equal_torch(q, k, v, tile, smooth)
 
 
 def test_pipeline_stages_need_programs():
