@@ -141,10 +141,11 @@ def _entry(db_dir: Path, config: KernelConfig) -> None:
     db.write_entries(db_dir / "h100.yaml", [entry], gpu="h100")
 
 
-def _tune(monkeypatch, capsys, tmp_path, gpu: Measurer, trials: int = 2):
+def _tune(monkeypatch, capsys, tmp_path, gpu: Measurer, trials: int = 2, batches: str = "1"):
+    """qflash-tune on vit_b with the fake GPU ``gpu``: (exit code, stdout, stderr)."""
     monkeypatch.setattr(cli, "live", lambda args: (gpu, "fp16"))
     code = cli.main(
-        ["--gpu", "h100", "--workloads", "vit_b", "--batches", "1", "--trials", str(trials), "--warm-start", "db",
+        ["--gpu", "h100", "--workloads", "vit_b", "--batches", batches, "--trials", str(trials), "--warm-start", "db",
          "--db", str(tmp_path / "db"), "--storage", str(tmp_path / "s.journal"), "--compile-jobs", "0", "--quiet"]
     )  # fmt: skip
     out, err = capsys.readouterr()

@@ -60,13 +60,7 @@ def _studies(journal: Path) -> dict[int, optuna.Study]:
 
 
 def _run(monkeypatch, capsys, tmp_path, gpu):
-    monkeypatch.setattr(cli, "live", lambda args: (gpu, "fp16"))
-    code = cli.main(
-        ["--gpu", "h100", "--workloads", "vit_b", "--batches", "1,8", "--trials", str(TRIALS), "--warm-start", "db",
-         "--db", str(tmp_path / "db"), "--storage", str(tmp_path / "s.journal"), "--compile-jobs", "0", "--quiet"]
-    )  # fmt: skip
-    out, err = capsys.readouterr()
-    return code, out, err
+    return _tune(monkeypatch, capsys, tmp_path, gpu, trials=TRIALS, batches="1,8")
 
 
 def test_a_run_cut_in_its_second_study_keeps_the_first_written_and_a_rerun_finishes_the_second(
