@@ -250,7 +250,7 @@ WARM_TARGET = textwrap.dedent(
     import json
     import os
 
-    from qflash_gen.tune.measure import gpu_jobs
+    from qflash_gen.tune.measure import gpu_jobs, warmup
     from qflash_gen.tune.measure.base import Measurement
 
     LOG = os.environ["FAKE_LOG"]
@@ -271,7 +271,7 @@ WARM_TARGET = textwrap.dedent(
         return Measurement(latency_us=9.0, spread_us=0.1, sqnr_db=40.0, correct=True)
 
 
-    gpu_jobs.warm_up = warm_up  # the device calls, faked; run_job itself is the real one
+    warmup.warm_up = warm_up  # the device calls, faked; run_job itself is the real one
     gpu_jobs.measure_one = measure_one
 
 

@@ -11,9 +11,9 @@
   binary before the timed worker needs it (parallel precompilation).
 * ``environment``: device, driver, CUDA, torch, Triton and template versions.
 
-Before a ``measure`` job the worker process warms the GPU (:func:`warm_up`: fp16 matmuls) when it
+Before a ``measure`` job the worker process warms the GPU (:func:`.warmup.warm_up`: fp16 matmuls) when it
 has timed nothing yet or when more than ``GPU_IDLE_REWARM_S`` passed since it last kept the GPU busy
-(a timing or a warm-up; :class:`IdleRewarm`): an idle GPU sits at a low SM clock (345 MHz on an
+(a timing or a warm-up; :class:`.warmup.IdleRewarm`): an idle GPU sits at a low SM clock (345 MHz on an
 H200, 1980 max) and the first timings after it were 3-4x too slow, at the start of a study and
 again at the start of each batch it had compiled ahead (the GPU idle meanwhile).  Where NVML reads
 the SM clock and its maximum the warm-up runs until the clock reads ``GPU_CLOCK_TARGET`` of the
@@ -39,7 +39,6 @@ On a machine without CUDA (tests) the same code runs the kernel through Triton's
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import subprocess
 import time
@@ -51,18 +50,16 @@ import torch
 from qflash_gen import checks, codegen, launch, quant, reference
 from qflash_gen.config import KernelConfig
 from qflash_gen.keys import torch_dtype
+from qflash_gen.tune.measure import warmup
 from qflash_gen.tune.measure.base import (
-    GPU_CLOCK_TARGET,
-    GPU_IDLE_REWARM_S,
     GPU_RETRY_WARMUP_S,
-    GPU_WARMUP_MAX_S,
-    GPU_WARMUP_S,
     SPREAD_RETRIES,
     SPREAD_RETRY_FRACTION,
     Measurement,
     Protocol,
     ShapeSpec,
 )
+from qflash_gen.tune.measure.warmup import IdleRewarm, max_sm_clock_mhz, sm_clock_mhz, warm_up  # noqa: F401 - re-exported
 
 _FATAL_MARKERS = (
     "illegal memory access",
@@ -211,7 +208,7 @@ def _time(fn, protocol: Protocol, device: torch.device) -> tuple[float, float]:
 
 
 def _retry_warm_up(device: torch.device) -> dict[str, Any]:
-    return warm_up(device, busy_s=GPU_RETRY_WARMUP_S, max_s=4 * GPU_RETRY_WARMUP_S)
+    return warmup.warm_up(device, busy_s=GPU_RETRY_WARMUP_S, max_s=4 * GPU_RETRY_WARMUP_S)
 
 
 def time_steady(
@@ -385,123 +382,6 @@ def environment() -> dict[str, Any]:
     else:
         env.update(device="cpu (Triton interpreter)", gpu=None)
     return env
-
-
-def sm_clock_mhz() -> float | None:
-    """The SM clock of this worker's GPU now (NVML through torch), or None where unreadable."""
-    try:
-        return float(torch.cuda.clock_rate())
-    except Exception:  # noqa: BLE001 - no pynvml, no driver: the warm-up does without
-        return None
-
-
-@functools.cache
-def max_sm_clock_mhz() -> float | None:
-    """The highest SM clock of this worker's GPU, or None where unreadable: NVML's max clock
-    (the handle :func:`torch.cuda.clock_rate` reads, ``CUDA_VISIBLE_DEVICES`` mapped), else the
-    device property ``clock_rate`` (kHz, CUDA's peak clock).  Asked once per process."""
-    try:
-        import pynvml
-
-        handle = torch.cuda._get_pynvml_handler()  # private in torch: the handle clock_rate reads
-        mhz = float(pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_SM))
-        if mhz > 0:
-            return mhz
-    except Exception:  # noqa: BLE001 - no pynvml, no driver, no such query: try the property
-        pass
-    try:
-        khz = float(torch.cuda.get_device_properties(torch.cuda.current_device()).clock_rate)
-    except Exception:  # noqa: BLE001 - no CUDA, or a torch without it: warm for a fixed time
-        return None
-    return khz / 1e3 if khz > 0 else None
-
-
-def _matmul_chunk(work: torch.Tensor, out: torch.Tensor) -> None:
-    for _ in range(4):
-        torch.mm(work, work, out=out)
-    torch.cuda.synchronize()
-
-
-def warm_up(
-    device: torch.device,
-    *,
-    busy_s: float = GPU_WARMUP_S,
-    max_s: float = GPU_WARMUP_MAX_S,
-    chunk: Any = None,
-    clock: Any = None,
-    max_mhz: float | None = None,
-) -> dict[str, Any]:
-    """Busy the GPU with fp16 matmuls so that a timing does not meet an idle GPU's low clocks.
-
-    Where the SM clock reads and its maximum is known, run chunks until the clock reads
-    ``GPU_CLOCK_TARGET`` of the maximum; else for ``busy_s``; the whole warm-up, cuBLAS's start
-    included, stops past ``max_s``.  Returns what it did: ``ms``, ``chunks``, the SM clock before
-    and after (None where unreadable), ``target_mhz`` (None: fixed time) and why it ``stopped``
-    (``clock``, ``time`` or ``bound``).  ``chunk`` and ``clock`` replace the device calls and
-    ``max_mhz`` the device's maximum (tests; with ``clock`` given, no maximum unless ``max_mhz``)."""
-    if device.type != "cuda" and chunk is None:
-        return {"ran": False, "why": "no CUDA device"}
-    if clock is None:
-        clock = sm_clock_mhz
-        max_mhz = max_mhz if max_mhz is not None else max_sm_clock_mhz()
-    t0 = time.perf_counter()
-    before = after = clock()
-    target = GPU_CLOCK_TARGET * max_mhz if max_mhz and before is not None else None
-    if chunk is None:
-        work = torch.randn((4096, 4096), device=device, dtype=torch.float16)
-        out = torch.empty_like(work)
-        chunk = lambda: _matmul_chunk(work, out)  # noqa: E731
-    chunk()  # the first one starts cuBLAS: not counted as busy time
-    t1, chunks = time.perf_counter(), 1
-    while True:
-        now = time.perf_counter()
-        if now - t0 >= max_s:
-            stopped = "bound"
-            break
-        if target is None and now - t1 >= busy_s:
-            stopped = "time"
-            break
-        if target is not None:
-            after = clock()
-            if after is not None and after >= target:
-                stopped = "clock"
-                break
-        chunk()
-        chunks += 1
-    if target is None or stopped == "bound":
-        after = clock()
-    return {"ran": True, "ms": round((time.perf_counter() - t0) * 1e3, 1), "chunks": chunks,
-            "sm_clock_mhz": [before, after], "target_mhz": target, "stopped": stopped}  # fmt: skip
-
-
-class IdleRewarm:
-    """When the timed worker warms the GPU before a ``measure`` job: before its first one, and
-    again once more than ``idle_s`` passed since this process last kept the GPU busy (a timed
-    measurement or a warm-up).  ``now`` and ``warm`` replace the clock and :func:`warm_up` (tests)."""
-
-    def __init__(self, idle_s: float = GPU_IDLE_REWARM_S, *, now: Any = time.monotonic, warm: Any = None) -> None:
-        self.idle_s = idle_s
-        self.now = now
-        self.warm = warm
-        self.last_busy: float | None = None  # ``now()`` when the GPU was last busy (None: never)
-
-    def before_timing(self, device: torch.device) -> dict[str, Any] | None:
-        """Warm up if the GPU has been idle too long; what the warm-up did (with its ``cause``)
-        or None when none was needed."""
-        t = self.now()
-        if self.last_busy is not None and t - self.last_busy <= self.idle_s:
-            return None
-        cause = "first timing" if self.last_busy is None else f"idle {t - self.last_busy:.1f} s"
-        try:
-            got = (self.warm or warm_up)(device)  # warm_up looked up now: tests replace it
-        except Exception as exc:  # noqa: BLE001 - no warm-up is no reason to fail the candidate
-            got = {"ran": False, "why": f"{type(exc).__name__}: {exc}"[:300]}
-        self.busy()
-        return {**got, "cause": cause}
-
-    def busy(self) -> None:
-        """The GPU was busy until now (a timing just ended)."""
-        self.last_busy = self.now()
 
 
 rewarm = IdleRewarm()  # this worker process's (a test's fake target may shorten its idle_s)
