@@ -54,11 +54,6 @@ KERNELS = {
 }
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("case", ["uniform", "specials", "zeros", "tiny", "subnormal", "shared_k"])
-@pytest.mark.parametrize("smooth", [True, False])
-@pytest.mark.parametrize("kernel", list(KERNELS))
-
 def assert_dynamic_and_static_equal_torch(q, k, v, tile, smooth=True):
     """quantize_heads(tile=tile) on (B, H, N, D) q, k, v gives the torch oracle's bits with dynamic
     scales (k smoothed or not), then with those scales given as static ones."""
@@ -74,6 +69,11 @@ def assert_dynamic_and_static_equal_torch(q, k, v, tile, smooth=True):
     for x, t, s in zip(static[:3], (q, k, v), scales, strict=True):
         assert_bit_equal(x, quant.quantize_groups(t, s))
 
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("case", ["uniform", "specials", "zeros", "tiny", "subnormal", "shared_k"])
+@pytest.mark.parametrize("smooth", [True, False])
+@pytest.mark.parametrize("kernel", list(KERNELS))
 def test_dynamic_quantization_equals_torch(dtype, case, smooth, kernel):
     q, k, v = _inputs(case, dtype)
     if case == "subnormal" and dtype != torch.float32:
