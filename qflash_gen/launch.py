@@ -5,6 +5,7 @@
 * :func:`launch_fast` -- CUDA: the CompiledKernel that Triton picked on the first call of a
   specialization is cached and called directly (measured 24 µs less host time per call on an
   H100 VM);
+* :func:`launcher` -- one call bound once, for timing loops (the fast launch's lookups done once);
 * :func:`launch_static` -- float q, k, v at static scales (quantized in the kernel's loads, or by
   ``quant_kernels.quantize_heads`` first).
 
@@ -214,6 +215,35 @@ def launch_fast(module, config, q8, k8, v8, params, bias, out, out_dtype) -> tor
         _knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook, *args,
     )  # fmt: skip
     return out
+
+
+def launcher(module, config, q8, k8, v8, params, bias, out, out_dtype):
+    """A call with no arguments that launches this exact kernel call again, everything looked up
+    once (timing loops: the tuner's timed worker).  On CUDA with the Triton of ``launch_fast`` it
+    calls the cached CompiledKernel's launcher with the packed arguments (the stream is read at
+    each call, so a CUDA-graph capture on a side stream records it); elsewhere it is
+    ``launch_module`` with these arguments.  The first call of a specialization compiles here.
+
+    Why (issue 17): the normal launch spends about 50 µs of host time per call on an H200 VM, as
+    long as ``triton.testing.do_bench``'s L2 flush runs, so a timing of a kernel shorter than
+    ~20 µs measured the host (45-57 µs) in some reps and the kernel in others."""
+    b, h, n, d = q8.shape
+    args_all = (module, config, q8, k8, v8, params, bias, out, out_dtype)
+    if not FAST_TRITON or q8.device.type != "cuda" or n == 0 or b * h == 0:
+        return functools.partial(launch_module, *args_all)
+    launch_fast(*args_all)  # caches the CompiledKernel of this specialization
+    args = pack_args(config, q8, k8, v8, params, bias, out, out_dtype)
+    compiled = module._qflash_fast[specialization_key(args, config)]
+    g0, g1 = grid(config, b, h, n)
+    run, function, packed = compiled.run, compiled.function, compiled.packed_metadata
+    index, get_stream, hooks = q8.device.index, _driver.active.get_current_stream, _knobs.runtime
+
+    def go() -> None:
+        stream = get_stream(index)
+        meta = compiled.launch_metadata((g0, g1, 1), stream, *args)
+        run(g0, g1, 1, stream, function, packed, meta, hooks.launch_enter_hook, hooks.launch_exit_hook, *args)
+
+    return go
 
 
 def compiled_for(module, config, args):

@@ -462,3 +462,35 @@ def test_direct_launch_equals_the_normal_launch():
             assert torch.equal(got.view(torch.int8), want.view(torch.int8)), (shape, seed)
             ref = reference.reference_int8(q8, k8, v8, params, kern.config, out_dtype=out_dtype)
             assert torch.equal(got.view(torch.int8), ref.view(torch.int8)), (shape, seed)
+
+
+@pytest.mark.gpu
+@requires_launch
+def test_bound_launcher_reads_its_buffers_at_each_call_and_equals_the_oracle(device):
+    """launch.launcher (the tuner's timed call): bound once, it launches the same kernel on the
+    buffers' contents at each call (new data in the same tensors gives the new result); on CUDA
+    it also replays inside a CUDA graph captured on a side stream, as do_bench_cudagraph does."""
+    shape, out_dtype = (1, 2, 49, 32), torch.float16
+    cfg = KernelConfig(block_m=16, block_n=32, num_warps=2, num_stages=1)
+    module = codegen.load(cfg)
+    q8, k8, v8 = (torch.empty(shape, dtype=torch.int8, device=device) for _ in range(3))
+    out = torch.empty(shape, dtype=out_dtype, device=device)
+    params = quant.make_params(0.02, 0.03, 0.05, head_dim=shape[3], device=device)
+    go = launch.launcher(module, cfg, q8, k8, v8, params, None, out, out_dtype)
+    for seed in range(2):
+        g = torch.Generator(device=device).manual_seed(seed)
+        for t in (q8, k8, v8):
+            t.copy_(torch.randint(-128, 128, shape, generator=g, device=device, dtype=torch.int8))
+        out.zero_()
+        go()
+        want = reference.reference_int8(q8, k8, v8, params, cfg, out_dtype=out_dtype)
+        assert torch.equal(out.view(torch.int8), want.view(torch.int8)), seed
+    if device == "cuda":
+        graph, side = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+        with torch.cuda.stream(side):
+            with torch.cuda.graph(graph, stream=side):
+                go()
+        out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out.view(torch.int8), want.view(torch.int8))

@@ -141,10 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--compile-jobs",
         type=int,
-        default=min(8, os.cpu_count() or 1),
+        default=max(1, min(15, (os.cpu_count() or 2) - 1)),
         help="parallel workers that compile configs ahead of their timing: a study's warm starts and each "
         "stage of its climb (as a batch, before it is timed), --exhaustive's whole grid (streamed: each "
-        "config is timed as soon as it is compiled, beside the next compiles) (default min(8, CPUs); 0: "
+        "config is timed as soon as it is compiled, beside the next compiles) (default: CPUs - 1, at most 15: one core stays with the timed worker; 0: "
         "compile each as it is measured; GPU only, --simulate compiles nothing)",
     )
     p.add_argument("--dry-run", action="store_true", help="with --exhaustive: print the plan and the time estimate")
