@@ -6,7 +6,10 @@
   compare it bit for bit with ``reference_int8`` (a mismatch fails the candidate, no timing), take
   the SQNR of its float output against float64 attention of the dequantized int8 inputs, then time
   it by the protocol (``triton.testing.do_bench`` median with the L2 flushed before every rep, or
-  CUDA-graph replay).
+  CUDA-graph replay).  The timed call is the launch bound once (``launch.launcher``, about 15 µs of
+  host time on an H200 VM): through Triton's normal launch (70-87 µs of host time a call, longer
+  than do_bench's L2 flush) kernels under ~20 µs were timed as the host, 57-71 µs with 16-41 µs
+  spreads, against 6-13 µs with spreads under 1 µs bound (ninth session).
 * ``compile``: launch once on a batch-1 instance of each shape, so Triton's on-disk cache holds the
   binary before the timed worker needs it (parallel precompilation).
 * ``environment``: device, driver, CUDA, torch, Triton and template versions.
@@ -23,8 +26,8 @@ process and warms again.  The job that warmed returns what it did under ``"warmu
 A timing whose spread (p80 - p20) exceeds ``SPREAD_RETRY_FRACTION`` of its median is taken again
 after a short warm-up, at most ``SPREAD_RETRIES`` times (:func:`time_steady`, GPU only): the last
 timing is kept and the measurement's ``retries`` says how many were taken.  That covers what the
-idle rule misses (a clock that drops within a job, host-side launch gaps).  Not yet measured on a
-GPU with this rule: the numbers that motivated it are from the once-per-process warm-up.
+idle rule misses (a clock that drops within a job).  In the ninth session's default run on an
+H200, with the bound launch, none of 871 timings needed it.
 
 With ``protocol.energy`` a ``measure`` job also takes the energy per call of every correct shape
 (:mod:`qflash_gen.energy`: NVML's counter around >= ``energy_min_s`` s of CUDA-graph replay,
