@@ -224,9 +224,9 @@ def launcher(module, config, q8, k8, v8, params, bias, out, out_dtype):
     each call, so a CUDA-graph capture on a side stream records it); elsewhere it is
     ``launch_module`` with these arguments.  The first call of a specialization compiles here.
 
-    Why (issue 17): the normal launch spends about 50 µs of host time per call on an H200 VM, as
-    long as ``triton.testing.do_bench``'s L2 flush runs, so a timing of a kernel shorter than
-    ~20 µs measured the host (45-57 µs) in some reps and the kernel in others."""
+    Why (issue 17): the normal launch spends 70-87 µs of host time per call on an H200 VM, longer
+    than ``triton.testing.do_bench``'s L2 flush, so a kernel shorter than ~20 µs was timed as the
+    host (57-71 µs, spreads 16-41 µs; bound: 6-13 µs, spreads under 1 µs)."""
     b, h, n, d = q8.shape
     args_all = (module, config, q8, k8, v8, params, bias, out, out_dtype)
     if not FAST_TRITON or q8.device.type != "cuda" or n == 0 or b * h == 0:
