@@ -44,7 +44,7 @@ from types import ModuleType
 
 import torch
 
-from qflash_gen import checks, codegen, launch, quant
+from qflash_gen import checks, codegen, hotpath, launch, quant
 from qflash_gen import db as tuning_db
 from qflash_gen.config import KernelConfig, default_config, fits
 from qflash_gen.gpu import KNOWN_GPUS, check_gpu_name, current_gpu
@@ -246,6 +246,7 @@ _FRONT_MAX = 4096
 def clear_cache(*, log_again: bool = False) -> None:
     """Forget every Kernel built in this process (e.g. after another process wrote the DB);
     ``log_again``: also forget which fallbacks were logged, so each is logged once more."""
+    hotpath.clear()
     with _lock:
         _kernels.clear()
         _by_call.clear()

@@ -18,11 +18,10 @@ import functools
 from types import ModuleType
 
 import torch
-import triton
 from triton import knobs as _knobs
 from triton.runtime import driver as _driver
 
-from qflash_gen import codegen, quant, quant_kernels, reference
+from qflash_gen import codegen, fastlaunch, quant, quant_kernels, reference
 from qflash_gen.codegen import signature
 from qflash_gen.config import KernelConfig
 
@@ -169,7 +168,7 @@ def launch_static(
 # lookup.  The key is at least as fine as Triton's specialization, so a cached kernel is always the
 # one Triton would pick.  Other Triton releases (whose internals differ) and the interpreter take
 # the normal launch.
-FAST_TRITON = triton.__version__.startswith("3.6.")
+FAST_TRITON = fastlaunch.FAST_TRITON
 _KINDS = tuple(p.kind for p in signature.PARAMS)
 _PTR_AT = tuple(i for i, k in enumerate(_KINDS) if k == signature.POINTER)
 _INT_AT = tuple(i for i, k in enumerate(_KINDS) if k == signature.INT)

@@ -45,6 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
+from qflash_gen import fastlaunch
 from qflash_gen.quant import KernelParams, padded_keys, softmax_constant
 
 
@@ -126,6 +127,8 @@ def _quantize_heads(
                 mean = tl.div_rn(tl.sum(total, axis=0).to(tl.float32) * s, N.to(tl.float32))
                 s = _scale(X, base, sxn, N, mean, offs_n, offs_d, CH, STAGES)
         tl.store(s_ptr, s)
+        if t == 0:
+            tl.store(s_ptr + 3, 0.0)  # the table's fourth column (allocated unset)
     else:
         s = tl.load(s_ptr)
     inv = tl.div_rn(1.0, s)
@@ -202,6 +205,8 @@ def _tile_quantize(
                 xf = xf - mean[:, None, :]
                 s = _tile_scale(xf, ok)
         tl.store(SCALES + s_off, s, mask=g < G)
+        if t == 0:
+            tl.store(SCALES + s_off + 3, tl.zeros_like(s), mask=g < G)  # the fourth column (allocated unset)
     else:
         xf = x.to(tl.float32)
     x8 = _rint8(xf, tl.div_rn(1.0, s)[:, None, None]).to(tl.int8)
@@ -413,35 +418,42 @@ def quantize_heads(
     v8 = key_major_int8(q.shape, dev)
     dynamic = params is None
     if dynamic:
-        table = torch.zeros((b, h, 4), dtype=torch.float32, device=dev)
+        table = torch.empty((b, h, 4), dtype=torch.float32, device=dev)  # the kernel writes every element
         params = KernelParams(scales=table, c_log2e=softmax_constant(d, scale))
     if b * h * n == 0:
+        if dynamic:
+            params.scales.zero_()
         return q8, k8, v8, params
+    fn, grid, args, kwargs = quantizer_call(q, k, v, q8, k8, v8, params, dynamic, smooth, tile)
+    fastlaunch.run(fn, grid, *args, **kwargs)
+    return q8, k8, v8, params
+
+
+def quantizer_call(q, k, v, q8, k8, v8, params: KernelParams, dynamic: bool, smooth: bool, tile=None) -> tuple:
+    """The launch ``quantize_heads`` makes, as ``(kernel, grid, args, kwargs)`` for
+    ``fastlaunch.run``: q, k, v (unit channel stride) into q8, k8, v8 (key-major) and the scale
+    table of ``params`` (written when ``dynamic``, else read), kernel chosen by ``tile`` (see
+    :func:`quantize_heads`; ValueError for a tile that cannot hold a head)."""
+    b, h, n, d = q.shape
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2))  # fmt: skip
+    args = (q, k, v, *strides, q8, k8, v8, params.scales, *params.strides(), h, n, v8.stride(3))
     plan = tile_plan(n, d, dynamic) if tile is None else tile
     if not plan:  # False, or no tile holds a head: the chunked kernel at its default options
         plan = Chunked()
     if isinstance(plan, Chunked):
-        _quantize_heads[(3 * b * h,) if plan.t_fast else (b * h, 3)](
-            q, k, v, *strides, q8, k8, v8, params.scales, *params.strides(), h, n, v8.stride(3),
-            CH=plan.rows(n, d), D=d, DYNAMIC=dynamic, SMOOTH_K=smooth, T_FAST=plan.t_fast, STAGES=plan.stages,
-            num_warps=plan.warps,
-        )  # fmt: skip
-    else:
-        # defaults: 1-D grid, no register cap, one tile a program (programs 0), register prefetch
-        bn, gb, warps, t_fast, max_regs, programs, stages = (*plan, *(True, 0, 0, 0)[len(plan) - 3 :])
-        if bn < n or bn & (bn - 1) or gb < 1 or gb & (gb - 1):  # a short tile would skip rows
-            raise ValueError(f"tile={tile!r}: BLOCK_N must be a power of two >= N={n}, GB a power of two >= 1")
-        if programs < 0 or stages < 0 or (stages and not programs):
-            raise ValueError(f"tile={tile!r}: programs a tensor >= 0; stages >= 0, and only with programs")
-        blocks = triton.cdiv(b * h, gb)
-        cap = {"maxnreg": max_regs} if max_regs else {}
-        args = (q, k, v, *strides, q8, k8, v8, params.scales, *params.strides(), h, n, v8.stride(3), b * h)
-        meta = dict(BLOCK_N=bn, D=d, GB=gb, DYNAMIC=dynamic, SMOOTH_K=smooth, T_FAST=t_fast, num_warps=warps, **cap)
-        if programs:  # each of min(blocks, programs) programs a tensor walks blocks p, p + P, ...
-            p = min(blocks, programs)
-            _quantize_tiles_prefetch[(3 * p,) if t_fast else (p, 3)](*args, STAGES=stages, **meta)
-        else:
-            _quantize_tiles[(3 * blocks,) if t_fast else (blocks, 3)](*args, **meta)
-    return q8, k8, v8, params
+        meta = dict(CH=plan.rows(n, d), D=d, DYNAMIC=dynamic, SMOOTH_K=smooth, T_FAST=plan.t_fast, STAGES=plan.stages)
+        return _quantize_heads, (3 * b * h,) if plan.t_fast else (b * h, 3), args, dict(meta, num_warps=plan.warps)
+    # defaults: 1-D grid, no register cap, one tile a program (programs 0), register prefetch
+    bn, gb, warps, t_fast, max_regs, programs, stages = (*plan, *(True, 0, 0, 0)[len(plan) - 3 :])
+    if bn < n or bn & (bn - 1) or gb < 1 or gb & (gb - 1):  # a short tile would skip rows
+        raise ValueError(f"tile={tile!r}: BLOCK_N must be a power of two >= N={n}, GB a power of two >= 1")
+    if programs < 0 or stages < 0 or (stages and not programs):
+        raise ValueError(f"tile={tile!r}: programs a tensor >= 0; stages >= 0, and only with programs")
+    blocks = triton.cdiv(b * h, gb)
+    cap = {"maxnreg": max_regs} if max_regs else {}
+    meta = dict(BLOCK_N=bn, D=d, GB=gb, DYNAMIC=dynamic, SMOOTH_K=smooth, T_FAST=t_fast, num_warps=warps, **cap)
+    if programs:  # each of min(blocks, programs) programs a tensor walks blocks p, p + P, ...
+        p = min(blocks, programs)
+        return _quantize_tiles_prefetch, (3 * p,) if t_fast else (p, 3), (*args, b * h), dict(meta, STAGES=stages)
+    return _quantize_tiles, (3 * blocks,) if t_fast else (blocks, 3), (*args, b * h), meta

@@ -227,3 +227,23 @@ def test_pipeline_stages_need_programs():
     q, k, v = _inputs("uniform", torch.float16)
     with pytest.raises(ValueError, match="only with programs"):
         quant_kernels.quantize_heads(q, k, v, tile=(64, 1, 4, True, 0, 0, 3))
+
+
+@pytest.mark.parametrize("tile", [None, False], ids=["tile", "chunked"])
+def test_repeated_calls_read_each_calls_tensors(tile):
+    """The quantizer's launch (``fastlaunch.run``: on CUDA, after the first call of a
+    specialization, the cached CompiledKernel) quantizes each call's own tensors: same shapes and
+    new values, then a view whose pointer is not 16-byte aligned (another specialization), then
+    the first tensors again; every call equals the torch oracle."""
+    dev = kernel_device()
+    shape = (2, 3, 37, 32)
+    fresh = [_inputs("uniform", torch.float16, shape, seed=s) for s in range(3)]
+    base = torch.randn(3 * 2 * 3 * 37 * 32 + 8, device=dev).to(torch.float16)
+    odd = [base[1 + i * 2 * 3 * 37 * 32 :][: 2 * 3 * 37 * 32].view(shape) for i in range(3)]  # 2-byte offsets
+    assert odd[0].data_ptr() % 16 != 0
+    for q, k, v in (*fresh, odd, fresh[0]):
+        got = quant_kernels.quantize_heads(q, k, v, tile=tile)
+        want = quant.quantize_dynamic(q, k, v, shape[-1])
+        for x, y in zip(got[:3], want[:3], strict=True):
+            assert_bit_equal(x, y)
+        assert_bit_equal(got[3].scales, want[3].scales.reshape(got[3].scales.shape))

@@ -32,7 +32,7 @@ import json
 
 import torch
 
-from qflash_gen import api, checks, codegen, launch, quant
+from qflash_gen import api, checks, codegen, hotpath, launch, quant
 from qflash_gen.config import KernelConfig, check_workload, default_config
 from qflash_gen.kernel import config_for_call
 
@@ -141,6 +141,16 @@ def _check_static(q, k, v, table, bias) -> None:
 def attention_static_impl(q, k, v, table, bias=None, scale=None, config="", backend="triton", out=None):
     """What ``torch.ops.qflash_gen.attention_static`` runs (into ``out`` if given, else a new
     (B, N, H, D)-laid-out tensor)."""
+    sig = None
+    if out is None and backend == "triton":
+        try:
+            sig = hotpath.signature(q, k, v, bias, scale, ("static", table), config)
+            plan = None if sig is None else hotpath.lookup(sig)
+        except (AttributeError, TypeError):  # not tensors, or an unhashable argument: the checks say why
+            sig = plan = None
+        if plan is not None:
+            with api.on_device(q.device):
+                return plan(q, k, v, bias, table)
     checks.check_backend(backend)
     _check_static(q, k, v, table, bias)
     if out is None:
@@ -155,7 +165,10 @@ def attention_static_impl(q, k, v, table, bias=None, scale=None, config="", back
         return api.run(cfg, q8, k8, v8, params, bias, q.dtype, backend, out=out)
     checks.check_kernel_device(q.device)
     with api.on_device(q.device):
-        return launch.launch_static(codegen.load(cfg), cfg, q, k, v, params, bias, out, q.dtype, fast=q.is_cuda)
+        result = launch.launch_static(codegen.load(cfg), cfg, q, k, v, params, bias, out, q.dtype, fast=q.is_cuda)
+        if sig is not None:
+            hotpath.record(sig, cfg, q, k, v, bias, q.dtype, scale=scale, params=params)
+        return result
 
 
 @torch.library.custom_op("qflash_gen::attention_static", mutates_args=())
