@@ -75,7 +75,10 @@ class Plan:
 
     def __call__(self, q, k, v, bias, table=None) -> torch.Tensor:
         dev = q.device
-        at = torch.empty(self.workspace, dtype=torch.int8, device=dev).data_ptr() if self.workspace else 0
+        # ws stays referenced until every launch is queued: freed earlier, the allocator could
+        # hand its bytes to buf (a first version did: wrong outputs at b=64)
+        ws = torch.empty(self.workspace, dtype=torch.int8, device=dev)
+        at = ws.data_ptr()
         buf = torch.empty(self.out_shape, dtype=self.out_dtype, device=dev)
         given, hooks = (q, k, v, bias, buf, table), _knobs.runtime
         stream = _driver.active.get_current_stream(dev.index)
@@ -88,6 +91,7 @@ class Plan:
                 grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, meta,
                 hooks.launch_enter_hook, hooks.launch_exit_hook, *args,
             )  # fmt: skip
+        del ws  # queued: the allocator reuses it in stream order
         return buf.permute(0, 2, 1, 3)
 
 

@@ -69,15 +69,15 @@ FAST = fastlaunch.FAST_TRITON
 
 
 def checked(fn):
-    """``fn`` with the hot path off (no plan found: every call takes the checked path)."""
+    """``fn`` with the hot path off (no signature: every call takes the checked path, nothing recorded)."""
 
     def call():
-        lookup = hotpath.lookup
-        hotpath.lookup = lambda sig: None
+        signature = hotpath.signature
+        hotpath.signature = lambda *a: None
         try:
             return fn()
         finally:
-            hotpath.lookup = lookup
+            hotpath.signature = signature
 
     return call
 
