@@ -73,6 +73,12 @@ def bind(fn, args: tuple, kwargs: dict) -> tuple[tuple, dict, tuple]:
     return full, options, key
 
 
+def cached(fn, device_index: int, key: tuple):
+    """The CompiledKernel :func:`run` cached for ``fn`` on a device under ``key`` (:func:`bind`'s
+    third item), or None."""
+    return _CACHE.get((fn, device_index, key))
+
+
 def run(fn, grid: tuple, *args, **kwargs) -> None:
     """``fn[grid](*args, **kwargs)``; on CUDA with Triton 3.6 through the cached CompiledKernel of
     this call's specialization (its first call takes the normal launch, which compiles, and caches

@@ -149,7 +149,7 @@ def record(sig, config, q, k, v, bias, out_dtype, *, smooth=True, scale=None, pa
         dynamic = len(parts) == 4
         fn, grid, args, kwargs = quant_kernels.quantizer_call(q, k, v, q8, k8, v8, params, dynamic, smooth)
         full, _, key = fastlaunch.bind(fn, args, kwargs)
-        launches.append((fastlaunch._CACHE.get((fn, dev.index, key)), tuple(grid) + (1,) * (3 - len(grid)), full))
+        launches.append((fastlaunch.cached(fn, dev.index, key), tuple(grid) + (1,) * (3 - len(grid)), full))
     else:
         q8, k8, v8 = q, k, v
         if config.max_regs or config.heads_per_program > 1:
