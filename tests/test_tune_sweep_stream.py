@@ -103,6 +103,15 @@ def _dead(pid: int) -> bool:
     return False
 
 
+def _all_dead_within(pids, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not all(_dead(p) for p in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 def test_the_timed_worker_measures_each_config_as_soon_as_it_is_compiled(fake):
     record = fake / "table.csv"
     compiled = []
@@ -153,7 +162,9 @@ def test_an_interrupted_sweep_keeps_its_rows_stops_its_compiles_at_once_and_resu
                 run_plan(_plan(writer), measurer, writer, compile_jobs=2, on_config=interrupt_at_the_third)
             stopped_s = time.monotonic() - t0
         compile_pids = {pid for op, pid, _ in _events(fake) if op == "compiling"}
-        assert compile_pids and all(_dead(p) for p in compile_pids)  # killed, not waited for
+        # killed, not waited for: gone within seconds (a SIGKILL lands asynchronously; on a loaded
+        # CI machine a just-killed job was once still visible at the first look), not after 60 s
+        assert compile_pids and _all_dead_within(compile_pids, 5.0)
     finally:
         measurer.close()
     assert stopped_s < 10  # the compiles in flight take 60 s each
